@@ -1,0 +1,280 @@
+"""Audio in (conformer.py) against the official liquid-audio code: resampler, mel front end, encoder, adapter.
+
+The official encoder and ours are built once per module at the real encoder config with the same random
+weights (every parameter and BatchNorm buffer randomised).
+"""
+
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import conformer
+from conftest import SHARED, official
+
+_CONFORMER_CFG = json.loads((SHARED / "lfm2-audio" / "config.json").read_text())
+_CONFORMER_ASSETS = SHARED / "assets"
+_CONFORMER_LFM_DIM = _CONFORMER_CFG["lfm"]["hidden_size"]
+
+
+def _conformer_randomise(module: torch.nn.Module, seed: int) -> None:
+    """Overwrite every parameter and buffer with non-trivial random values (fan-in scaled, so 17 layers stay finite)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in module.state_dict().items():  # these tensors share storage with the module's
+            if not t.is_floating_point():
+                t.fill_(7)  # BatchNorm num_batches_tracked
+            elif name.endswith("running_var"):
+                t.uniform_(0.5, 2.0, generator=g)
+            elif t.dim() >= 2:
+                t.normal_(0.0, t[0].numel() ** -0.5, generator=g)
+            elif name.endswith("weight"):  # LayerNorm / BatchNorm scales
+                t.normal_(1.0, 0.2, generator=g)
+            else:  # biases, running means
+                t.normal_(0.0, 0.2, generator=g)
+
+
+@pytest.fixture(scope="module")
+def _conformer_models():
+    """(official encoder, official adapter, our encoder, our adapter), same random weights, eval mode."""
+    official()
+    from liquid_audio.model.conformer.encoder import ConformerEncoder
+    from liquid_audio.model.mlp import MLP
+
+    ref = ConformerEncoder(**_CONFORMER_CFG["encoder"]).eval()
+    ref_adapter = MLP(ref._feat_out, _CONFORMER_LFM_DIM, [_CONFORMER_LFM_DIM]).eval()  # as LFM2AudioModel
+    _conformer_randomise(ref, 1)
+    _conformer_randomise(ref_adapter, 2)
+    ours = conformer.ConformerEncoder(conformer.EncoderConfig.from_dict(_CONFORMER_CFG["encoder"])).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    adapter = conformer.AudioAdapter(ref._feat_out, _CONFORMER_LFM_DIM).eval()
+    adapter.load_state_dict(ref_adapter.state_dict(), strict=True)
+    return ref, ref_adapter, ours, adapter
+
+
+@pytest.fixture(scope="module")
+def _conformer_preprocessor():
+    official()
+    from liquid_audio.model.conformer.processor import AudioToMelSpectrogramPreprocessor
+
+    return AudioToMelSpectrogramPreprocessor(**_CONFORMER_CFG["preprocessor"]).eval()
+
+
+def _conformer_official_mel(proc, wave: torch.Tensor, sr: int) -> torch.Tensor:
+    """The official ChatState.add_audio front end: resample to 16 kHz, full length, mel [128, T]."""
+    import torchaudio.functional
+
+    wave = torchaudio.functional.resample(wave[None], sr, 16000)
+    mel, _ = proc(wave, torch.tensor([wave.shape[1]]))
+    return mel[0]
+
+
+def _conformer_official_encode(ref, ref_adapter, mels: list[torch.Tensor]):
+    """The official LFM2AudioModel._prefill audio path: pad, encode, drop padding, adapt."""
+    lengths = torch.tensor([m.shape[1] for m in mels])
+    padded = torch.nn.utils.rnn.pad_sequence([m.T for m in mels], batch_first=True).mT
+    with torch.no_grad():
+        enc, enc_len = ref(padded, lengths)  # [B, D, T']
+        keep = torch.arange(enc.shape[-1])[None] < enc_len[:, None]
+        emb = ref_adapter(enc.mT[keep])
+    return enc.mT, enc_len, emb
+
+
+def _conformer_encode(ours, adapter, mels: list[torch.Tensor]):
+    batch, lengths = conformer.pad_mels(mels)
+    with torch.no_grad():
+        h, h_len = ours(batch, lengths)
+        keep = torch.arange(h.shape[1])[None] < h_len[:, None]
+        emb = adapter(h[keep])
+    return h, h_len, emb
+
+
+def _conformer_read(name: str) -> tuple[torch.Tensor, int]:
+    data, sr = sf.read(str(_CONFORMER_ASSETS / name), dtype="float32")
+    return torch.from_numpy(data), sr
+
+
+# ---- resampler ----
+
+@pytest.mark.parametrize("orig_sr,new_sr", [(44100, 16000), (48000, 16000), (8000, 16000), (22050, 16000),
+                                            (16000, 24000)])
+def test_conformer_resample_matches_torchaudio(orig_sr, new_sr):
+    official()
+    import torchaudio.functional
+
+    g = torch.Generator().manual_seed(orig_sr)
+    wave = torch.randn(2, 3, orig_sr // 2 + 17, generator=g)  # batch dims and a length that is not a multiple
+    ref = torchaudio.functional.resample(wave, orig_sr, new_sr)
+    ours = conformer.resample(wave, orig_sr, new_sr)
+    assert ours.shape == ref.shape
+    diff = (ours - ref).abs().max().item()
+    assert diff <= 1e-5, f"resample {orig_sr}->{new_sr}: max abs diff {diff} > 1e-5"
+
+
+# ---- mel front end ----
+
+def test_conformer_mel_filters_match_official(_conformer_preprocessor):
+    ref = _conformer_preprocessor.featurizer.fb[0]  # librosa.filters.mel, slaney
+    diff = (conformer.mel_filters() - ref).abs().max().item()
+    assert diff <= 1e-6 * ref.abs().max().item(), f"mel filterbank: max abs diff {diff}"
+
+
+def _conformer_write_stereo(tmp_path):
+    """A 22.05 kHz 16-bit stereo file whose channels differ -> (path, expected mono wave, sr)."""
+    speech, sr = _conformer_read("question.wav")
+    speech = conformer.resample(speech[: 2 * sr], sr, 22050).numpy()
+    left, right = speech, 0.5 * np.roll(speech, 300) + 0.05 * np.sin(np.arange(speech.size) * 0.05)
+    path = tmp_path / "stereo.wav"
+    sf.write(str(path), np.stack([left, right], 1).clip(-1, 1), 22050, subtype="PCM_16")
+    data, _ = sf.read(str(path), dtype="float32")  # [T, 2], quantised
+    return path, torch.from_numpy(data.mean(1, dtype=np.float32)), 22050
+
+
+@pytest.mark.parametrize("case", ["question", "asr_44k", "stereo", "clip_0.2s", "long_30s"])
+def test_conformer_mel_matches_official(case, _conformer_preprocessor, tmp_path):
+    if case == "question":
+        wave, sr = conformer.load_audio(_CONFORMER_ASSETS / "question.wav")
+        ref_wave, _ = _conformer_read("question.wav")
+    elif case == "asr_44k":
+        wave, sr = conformer.load_audio(_CONFORMER_ASSETS / "asr.wav")
+        ref_wave, _ = _conformer_read("asr.wav")
+    elif case == "stereo":
+        path, ref_wave, _ = _conformer_write_stereo(tmp_path)
+        wave, sr = conformer.load_audio(path)
+    elif case == "clip_0.2s":
+        ref_wave, sr = _conformer_read("question.wav")
+        ref_wave = ref_wave[16000: 16000 + 3200]
+        wave = ref_wave
+    else:  # 30 s at 44.1 kHz: asr.wav repeated
+        ref_wave, sr = _conformer_read("asr.wav")
+        ref_wave = ref_wave.repeat(2)[: 30 * sr]
+        wave = ref_wave
+    assert torch.equal(wave, ref_wave), "load_audio must give soundfile's float samples (channel mean)"
+    ref = _conformer_official_mel(_conformer_preprocessor, ref_wave, sr)
+    ours = conformer.audio_features(wave, sr)
+    assert ours.shape == ref.shape == (conformer.N_MELS, 1 + conformer.resample(wave, sr, 16000).numel() // 160)
+    diff = (ours - ref).abs().max().item()
+    assert diff <= 1e-4, f"mel {case}: max abs diff {diff} > 1e-4"
+    assert ref.abs().max() > 1, "the mel should not be trivial"
+
+
+# ---- encoder + adapter ----
+
+def test_conformer_state_dict_matches_official(_conformer_models):
+    ref, ref_adapter, ours, adapter = _conformer_models
+    ref_sd, our_sd = ref.state_dict(), ours.state_dict()
+    assert {k: v.shape for k, v in our_sd.items()} == {k: v.shape for k, v in ref_sd.items()}
+    assert any(k.endswith("running_var") for k in our_sd) and any(k.endswith("num_batches_tracked") for k in our_sd)
+    assert {k: v.shape for k, v in adapter.state_dict().items()} == \
+        {k: v.shape for k, v in ref_adapter.state_dict().items()}
+
+
+def _conformer_check(ref_out, our_out, what):
+    (r_h, r_len, r_emb), (h, h_len, emb) = ref_out, our_out
+    assert torch.equal(h_len, r_len.to(torch.long)), f"{what}: output lengths {h_len} != {r_len}"
+    assert h.shape == r_h.shape and emb.shape == r_emb.shape
+    for name, a, b in [("encoder", h, r_h), ("adapter", emb, r_emb)]:
+        scale = b.abs().max().item()
+        diff = (a - b).abs().max().item()
+        assert diff <= 1e-4 * scale, f"{what} {name}: max abs diff {diff} > 1e-4 * max|ref| ({scale})"
+
+
+def test_conformer_encoder_matches_official_batch(_conformer_models, _conformer_preprocessor):
+    ref, ref_adapter, ours, adapter = _conformer_models
+    question, sr_q = _conformer_read("question.wav")
+    asr, sr_a = _conformer_read("asr.wav")
+    mels = [conformer.audio_features(question, sr_q), conformer.audio_features(asr[: int(2.3 * sr_a)], sr_a)]
+    assert mels[0].shape[1] != mels[1].shape[1]
+    out = _conformer_encode(ours, adapter, mels)
+    _conformer_check(_conformer_official_encode(ref, ref_adapter, mels), out, "batch of 2")
+    assert out[1].tolist() == [conformer.emb_len(m.shape[1]) for m in mels]
+    # the shorter clip's output must not depend on the padding of the batch
+    alone = _conformer_encode(ours, adapter, mels[1:])
+    n = int(alone[1][0])
+    diff = (out[0][1, :n] - alone[0][0]).abs().max().item()
+    assert diff <= 1e-4 * alone[0].abs().max().item(), f"padded vs alone: max abs diff {diff}"
+
+
+def test_conformer_encoder_matches_official_single(_conformer_models, _conformer_preprocessor):
+    ref, ref_adapter, ours, adapter = _conformer_models
+    wave, sr = _conformer_read("question.wav")
+    mel = _conformer_official_mel(_conformer_preprocessor, wave, sr)
+    _conformer_check(_conformer_official_encode(ref, ref_adapter, [mel]),
+                     _conformer_encode(ours, adapter, [mel]), "single clip")
+
+
+@pytest.mark.parametrize("n_samples", [1, 100, 319, 320, 1000, 1281])
+def test_conformer_short_audio_matches_official(n_samples, _conformer_models, _conformer_preprocessor):
+    # Documented behaviour: any clip of >= 1 sample is accepted, like the official code; fewer than 320
+    # samples give an all-zero mel (nothing to normalise over) and at least one embedding.
+    ref, ref_adapter, ours, adapter = _conformer_models
+    wave = torch.randn(n_samples, generator=torch.Generator().manual_seed(n_samples))
+    mel = conformer.log_mel(wave)
+    ref_mel = _conformer_official_mel(_conformer_preprocessor, wave, 16000)
+    assert mel.shape == ref_mel.shape == (128, 1 + n_samples // 160)
+    assert (mel - ref_mel).abs().max().item() <= 1e-4, f"mel of {n_samples} samples"
+    if n_samples < 320:
+        assert not mel.any()
+    out = _conformer_encode(ours, adapter, [mel])
+    _conformer_check(_conformer_official_encode(ref, ref_adapter, [ref_mel]), out, f"{n_samples} samples")
+    assert out[1].item() == conformer.emb_len(mel.shape[1]) >= 1
+
+
+def test_conformer_emb_len_matches_official():
+    official()
+    from liquid_audio.utils import mel2emb_len
+
+    n = torch.arange(1, 100)
+    assert torch.equal(conformer.emb_len(n), mel2emb_len(n))
+    assert [conformer.emb_len(int(i)) for i in n] == [mel2emb_len(int(i)) for i in n]
+
+
+# ---- loading and bad input ----
+
+def test_conformer_load_audio_formats(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    signal = (0.5 * torch.randn(4000, 3, generator=g)).clamp(-1, 1).numpy()
+    for subtype in ["PCM_16", "PCM_24", "PCM_32", "FLOAT"]:
+        path = tmp_path / f"three_channels_{subtype}.wav"
+        sf.write(str(path), signal, 8000, subtype=subtype)
+        wave, sr = conformer.load_audio(path)
+        assert sr == 8000 and wave.dtype == torch.float32 and wave.shape == (4000,)
+        diff = (wave - torch.from_numpy(signal.mean(1))).abs().max().item()
+        assert diff <= 2**-15, f"{subtype}: the channel mean, scaled to [-1, 1), differs by {diff}"
+
+
+def test_conformer_bad_input(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.wav"):
+        conformer.load_audio(tmp_path / "missing.wav")
+    (tmp_path / "text.wav").write_text("not audio")
+    with pytest.raises(ValueError, match="text.wav"):
+        conformer.load_audio(tmp_path / "text.wav")
+    sf.write(str(tmp_path / "empty.wav"), np.zeros(0, np.float32), 16000)
+    with pytest.raises(ValueError, match="empty.wav.*no samples"):
+        conformer.load_audio(tmp_path / "empty.wav")
+    for bad in [np.nan, np.inf]:
+        x = np.zeros(1600, np.float32)
+        x[5] = bad
+        sf.write(str(tmp_path / "nonfinite.wav"), x, 16000, subtype="FLOAT")
+        with pytest.raises(ValueError, match="nonfinite.wav.*NaN or infinite"):
+            conformer.load_audio(tmp_path / "nonfinite.wav")
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            conformer.audio_features(torch.from_numpy(x), 16000)
+    with pytest.raises(ValueError, match="non-empty 1-D"):
+        conformer.log_mel(torch.zeros(0))
+    with pytest.raises(ValueError, match="non-empty 1-D"):
+        conformer.log_mel(torch.zeros(2, 1600))
+    with pytest.raises(ValueError, match="sample rates"):
+        conformer.resample(torch.zeros(100), 0, 16000)
+    with pytest.raises(ValueError, match="sample rates"):
+        conformer.resample(torch.zeros(100), 44100.5, 16000)
+    with pytest.raises(ValueError, match="float"):
+        conformer.resample(torch.zeros(100, dtype=torch.int16), 8000, 16000)
+    ours = conformer.ConformerEncoder(conformer.EncoderConfig(n_layers=1, d_model=64, n_heads=2,
+                                                              subsampling_conv_channels=8))
+    with pytest.raises(ValueError, match=r"mel must be \[B, 128"):
+        ours(torch.zeros(1, 80, 50), torch.tensor([50]))
+    with pytest.raises(ValueError, match="subsampling"):
+        conformer.EncoderConfig.from_dict({**_CONFORMER_CFG["encoder"], "subsampling": "striding"})
