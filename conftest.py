@@ -91,3 +91,441 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tokenizer")
     write_tokenizer(folder)
     return folder
+
+
+# ---- checkpoint folders in the Hugging Face snapshot layout, with random weights --------------------
+#
+# `make_checkpoint(folder, config, seed)` writes what `LiquidAI/LFM2-Audio-1.5B` ships: config.json,
+# model.safetensors (bf16, the official model's state_dict keys, tied tensors as separate equal copies),
+# the Mimi file (fp32, attention named `in_proj_weight` / `out_proj.weight` as in Kyutai's release),
+# and the text tokenizer files. The weights are random but shaped so that greedy decoding is varied and
+# switches modality (see `_tune_switches`): plain random weights almost never emit <|audio_start|>,
+# <|text_end|>, <|im_end|> or the end-of-audio code, so the generation loops would go untested.
+
+import copy  # noqa: E402
+import fcntl  # noqa: E402
+import hashlib  # noqa: E402
+import inspect  # noqa: E402
+import math  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+import zlib  # noqa: E402
+
+FULL_CONFIG = json.loads((ROOT / ".ci" / "lfm2-audio-config.json").read_text())
+MIMI_FILE = "tokenizer-e351c8d8-checkpoint125.safetensors"
+AUDIO_START, TEXT_END, IM_END, END_OF_AUDIO = 128, 130, 7, 2048
+CACHE_ROOT = Path(os.environ.get("LFM2AUDIO_TEST_CACHE", Path.home() / ".cache" / "lfm2audio-test"))
+FIXTURE_VERSION = 1  # bump to invalidate cached checkpoints when the recipe changes in a way hashing misses
+
+
+def _tiny_config() -> dict:
+    """The real config shrunk: same codebooks, interleaving and layer mix, small widths."""
+    cfg = copy.deepcopy(FULL_CONFIG)
+    cfg["encoder"].update(n_layers=2, d_model=128, n_heads=4, subsampling_conv_channels=64)
+    cfg["lfm"].update(
+        hidden_size=128, block_dim=128, conv_dim=128, conv_dim_out=128, intermediate_size=384,
+        block_ff_dim=384, num_hidden_layers=4, layer_types=["conv", "full_attention", "conv", "full_attention"],
+        num_attention_heads=4, num_heads=4, num_key_value_heads=2, vocab_size=4096,
+    )
+    cfg["depthformer"].update(layers=2, dim=128)  # the official depthformer always has 32 heads
+    return cfg
+
+
+TINY_CONFIG = _tiny_config()
+
+
+def _gen(seed: int, name: str) -> "torch.Generator":
+    import torch
+
+    return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+
+
+def _randn(shape, seed: int, name: str, std: float = 1.0, mean: float = 0.0):
+    import torch
+
+    return torch.randn(shape, generator=_gen(seed, name)) * std + mean
+
+
+def _official_config(config: dict):
+    """The official dataclass config, as `LFM2AudioModel.from_pretrained` builds it."""
+    official()
+    from liquid_audio.model.conformer.encoder import ConformerEncoderConfig
+    from liquid_audio.model.lfm2_audio import DepthformerConfig, LFM2AudioConfig
+    from transformers import Lfm2Config
+
+    c = copy.deepcopy(config)
+    return LFM2AudioConfig(lfm=Lfm2Config(**c.pop("lfm")), encoder=ConformerEncoderConfig(**c.pop("encoder")),
+                           depthformer=DepthformerConfig(**c.pop("depthformer")), **c)
+
+
+def _official_skeleton(config: dict):
+    """The official model with parameters on the meta device (buffers real): names, shapes, buffers."""
+    official()
+    from accelerate import init_empty_weights
+    from liquid_audio.model.lfm2_audio import LFM2AudioModel
+
+    conf = _official_config(config)
+    with init_empty_weights():
+        return LFM2AudioModel(conf)
+
+
+# Out-projections of every residual branch are scaled up so the layers dominate the residual stream:
+# otherwise the last hidden state is ~ the input embedding and, with tied logits, greedy repeats a token.
+LAYER_GAIN = 2.0
+OFFSET_RMS = 1.0  # a direction shared by every input embedding, so hidden states have a common mean
+# Output rows get log-normal norms: the winner then stands out from the runner-up (greedy decisions far
+# from ties, so two float32 implementations agree) while still dozens of distinct tokens win.
+ROW_NORM_SIGMA = 1.0
+
+
+def _init_tensor(name: str, shape, fan_in: int, seed: int):
+    """Random values for one state_dict entry; scale chosen by what the tensor is."""
+    leaf = name.rsplit(".", 1)[-1]
+    if name == "lfm.embedding_norm.weight":
+        # zero-mean gains: with tied logits, e_x . (g * e_x) would otherwise make the input token win
+        return _randn(shape, seed, name)
+    if name.endswith(("norm.weight", "layernorm.weight", "norm1.weight", "norm2.weight")) or \
+            ".norm_" in name and leaf == "weight" or name.endswith("batch_norm.weight") or \
+            name.endswith("audio_adapter.model.0.weight"):
+        return _randn(shape, seed, name, 0.1, 1.0)  # norm gains near 1
+    if name.endswith("running_var"):
+        return _randn(shape, seed, name).abs() * 0.5 + 0.5
+    if leaf in ("bias", "running_mean") or name.endswith(("pos_bias_u", "pos_bias_v")):
+        return _randn(shape, seed, name, 0.1)
+    if "embed_tokens" in name or name.startswith("depth_embeddings.") or name.startswith("audio_embedding.to_logits"):
+        return _randn(shape, seed, name)
+    if name.startswith("audio_embedding.embedding.weight"):
+        return _randn(shape, seed, name, 1 / math.sqrt(8))  # eight rows are summed per frame
+    gain = LAYER_GAIN if name.endswith(("out_proj.weight", "w2.weight")) else 1.0
+    return _randn(shape, seed, name, gain / math.sqrt(fan_in))
+
+
+def _fan_in(shape) -> int:
+    return max(1, math.prod(shape[1:])) if len(shape) > 1 else 1
+
+
+def _random_state_dict(config: dict, seed: int, dtype) -> dict:
+    """Every key of the official state_dict, random, in `dtype` (integer buffers stay int64)."""
+    import torch
+
+    skeleton = _official_skeleton(config)
+    offset = _randn(config["lfm"]["hidden_size"], seed, "shared-offset", OFFSET_RMS)
+    sd = {}
+    for name, t in skeleton.state_dict().items():
+        if name in ("codebook_offsets", "audio_loss_weights"):
+            sd[name] = t.clone() if t.dtype == torch.int64 else t.to(dtype)  # computed by the model
+        elif name.endswith("num_batches_tracked"):
+            sd[name] = torch.tensor(1000 + seed, dtype=torch.int64)
+        else:
+            v = _init_tensor(name, tuple(t.shape), _fan_in(tuple(t.shape)), seed)
+            if name.endswith("embedding.weight") and "depth_emb" in name:
+                v *= _randn((v.shape[0], 1), seed, name + "/row-norms", ROW_NORM_SIGMA).exp()
+            if name in ("lfm.embed_tokens.weight", "audio_adapter.model.3.bias"):
+                v += offset
+            elif name == "audio_embedding.embedding.weight":
+                v += offset / config["codebooks"]
+            sd[name] = v.to(dtype)
+    for k in range(config["codebooks"]):  # tie=True: to_logits IS the embedding; stored as a copy
+        if config["depthformer"]["tie"]:
+            sd[f"depth_embeddings.{k}.to_logits.weight"] = sd[f"depth_embeddings.{k}.embedding.weight"].clone()
+    if config["tie_audio_embeddings"]:
+        sd["audio_embedding.to_logits.weight"] = sd["audio_embedding.embedding.weight"].clone()
+    return sd
+
+
+def _model_from_state_dict(config: dict, sd: dict):
+    """The official model holding `sd`'s tensors as they are (no copy), for the tuning forward passes."""
+    model = _official_skeleton(config)
+    model.load_state_dict(sd, assign=True, strict=True)
+    for m in model.modules():  # non-persistent buffers (RoPE tables) follow the weights' dtype
+        for n, b in list(m._buffers.items()):
+            if b is not None and b.is_floating_point() and not b.is_complex():
+                m._buffers[n] = b.to(sd["lfm.embed_tokens.weight"].dtype)
+    return model.eval()
+
+
+# target win rates of the special outputs over the tuning states (tuned by hand on real prompts)
+SWITCH_RATES = {AUDIO_START: 0.10, TEXT_END: 0.03, IM_END: 0.02, END_OF_AUDIO: 0.08}
+
+
+def _tuning_states(model, config: dict, seed: int):
+    """Final hidden states [N, D] of a synthetic history mixing text tokens and audio frames."""
+    import torch
+
+    g = _gen(seed, "tuning-sequence")
+    n_text = min(config["lfm"]["vocab_size"], 4000)  # ids the fixture tokenizer can produce
+    parts = []
+    for _ in range(3):
+        ids = torch.randint(501, n_text, (40,), generator=g)
+        parts.append(model.lfm.embed_tokens(ids))
+        codes = torch.randint(0, 2048, (config["codebooks"], 40), generator=g) + model.codebook_offsets[:, None]
+        parts.append(model.audio_embedding(codes).sum(0))
+    with torch.no_grad():
+        return model.lfm(inputs_embeds=torch.cat(parts)[None]).last_hidden_state[0].float()
+
+
+def _lift_row(weight, row: int, states, rate: float, rows_exclude=()):
+    """Move `weight[row]` along the mean direction of `states` so it wins for a `rate` share of them.
+
+    logit_row(h) + a * (m.h) > max of the other rows  <=>  a > (max_other - logit_row) / (m.h);
+    `a` is that threshold's `rate`-quantile, so the row wins sometimes, not always.
+    """
+    import torch
+
+    m = states.mean(0)
+    m = m / m.norm()
+    logits = states @ weight.float().T  # [N, V]
+    others = logits.clone()
+    others[:, [row, *rows_exclude]] = -float("inf")
+    proj = states @ m
+    need = torch.where(proj > 0, (others.max(1).values - logits[:, row]) / proj.clamp_min(1e-6), float("inf"))
+    a = torch.quantile(need, rate).clamp_min(0)
+    weight[row] += (a * m).to(weight.dtype)
+    return float(a)
+
+
+def _tune_switches(config: dict, sd: dict, seed: int) -> dict:
+    """Make <|audio_start|>, <|text_end|>, <|im_end|> and the end-of-audio code win now and then."""
+    import torch
+
+    model = _model_from_state_dict(config, sd)
+    states = _tuning_states(model, config, seed)
+    specials = (AUDIO_START, TEXT_END, IM_END)
+    emb = sd["lfm.embed_tokens.weight"]  # also the text logits (tied)
+    lifts = {t: _lift_row(emb, t, states, SWITCH_RATES[t], specials) for t in specials}
+    with torch.no_grad():  # codebook 0 of the depthformer sees depth_linear(h)[:dim] with no previous code
+        d0 = model.depth_linear(states.to(emb.dtype))[:, : config["depthformer"]["dim"]]
+        out = model.depth_embeddings[0].embedding_norm(model.depthformer(d0[:, None])[:, 0]).float()
+    table = sd["depth_embeddings.0.embedding.weight"]
+    lifts[END_OF_AUDIO] = _lift_row(table, END_OF_AUDIO, out, SWITCH_RATES[END_OF_AUDIO])
+    if config["depthformer"]["tie"]:
+        sd["depth_embeddings.0.to_logits.weight"] = table.clone()
+    return lifts
+
+
+def _write_mimi(path: Path, seed: int) -> None:
+    """The official Mimi with random weights, saved fp32 with Kyutai's attention key names."""
+    import torch
+    from safetensors.torch import save_file
+
+    official()
+    from liquid_audio.moshi.models.loaders import get_mimi
+
+    with torch.random.fork_rng():  # get_mimi initialises from the global RNG
+        torch.manual_seed(seed)
+        mimi = get_mimi(None, "cpu")
+    sd = mimi.state_dict()
+    for name, t in sd.items():
+        if name.endswith("embedding_sum"):
+            sd[name] = _randn(t.shape, seed, name)
+        elif name.endswith("cluster_usage"):
+            sd[name] = torch.rand(t.shape, generator=_gen(seed, name)) * 1.5 + 0.5
+        elif name.endswith("_initialized"):
+            sd[name] = torch.ones_like(t)
+        elif "layer_scale" in name:  # trained Mimi scales are far from the 0.01 init
+            sd[name] = torch.rand(t.shape, generator=_gen(seed, name)) * 0.3 + 0.05
+        elif name.endswith(("norm1.weight", "norm2.weight")):
+            sd[name] = _randn(t.shape, seed, name, 0.1, 1.0)
+        elif name.endswith(("norm1.bias", "norm2.bias")):
+            sd[name] = _randn(t.shape, seed, name, 0.1)
+    mimi.load_state_dict(sd)
+    # scale the last conv so random codes decode to a waveform of RMS ~0.1 (not silence, not clipping)
+    codes = torch.randint(0, 2048, (1, 8, 8), generator=_gen(seed, "mimi-probe"))
+    with torch.no_grad():
+        rms = float(mimi.decode(codes).pow(2).mean().sqrt())
+    last = max((k for k in sd if k.startswith("decoder.model.") and k.endswith("conv.conv.weight")),
+               key=lambda k: int(k.split(".")[2]))
+    for k in (last, last.replace("weight", "bias")):
+        sd[k] = sd[k] * (0.1 / rms)
+    out = {}
+    for name, t in sd.items():
+        name = name.replace("self_attn.in_projs.0.weight", "self_attn.in_proj_weight")
+        name = name.replace("self_attn.out_projs.0.weight", "self_attn.out_proj.weight")
+        out[name] = t.float().contiguous()
+    save_file(out, str(path), metadata={"format": "pt"})
+
+
+_ST_DTYPES = {"torch.bfloat16": "BF16", "torch.float32": "F32", "torch.int64": "I64"}
+
+
+def _save_safetensors(tensors: dict, path: Path) -> None:
+    """safetensors' file format, written one tensor at a time (its save_file copies everything first)."""
+    import struct
+
+    import torch
+
+    names = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))  # safetensors' own order
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for k in names:
+        t = tensors[k]
+        n = t.numel() * t.element_size()
+        header[k] = {"dtype": _ST_DTYPES[str(t.dtype)], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for k in names:
+            t = tensors[k].contiguous()
+            f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+CHAT_TEMPLATE = (
+    "{{- bos_token -}}\n{%- for message in messages -%}\n"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}\n"
+    "{%- endfor -%}\n{%- if add_generation_prompt -%}\n{{- '<|im_start|>assistant\\n' -}}\n{%- endif -%}\n"
+)
+
+
+def make_checkpoint(folder: Path, config: dict, seed: int = 0) -> Path:
+    """Write a checkpoint folder in the layout of the Hugging Face snapshot, with random weights."""
+    import torch
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    write_tokenizer(folder)
+    (folder / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": "<|startoftext|>", "eos_token": "<|im_end|>", "pad_token": "<|pad|>"}, indent=1))
+    (folder / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    sd = _random_state_dict(config, seed, torch.bfloat16)
+    _tune_switches(config, sd, seed)
+    _save_safetensors(sd, folder / "model.safetensors")
+    del sd
+    _write_mimi(folder / MIMI_FILE, seed)
+    return folder
+
+
+_BUILDER_PARTS = [training_corpus, write_tokenizer, _gen, _randn, _official_skeleton, _init_tensor, _fan_in,
+                  _random_state_dict, _model_from_state_dict, _tuning_states, _lift_row, _tune_switches,
+                  _write_mimi, _save_safetensors, make_checkpoint]
+
+
+def _checkpoint_key(config: dict, seed: int) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps(config, sort_keys=True).encode())
+    h.update(repr((seed, FIXTURE_VERSION, LAYER_GAIN, OFFSET_RMS, ROW_NORM_SIGMA, SWITCH_RATES, SPECIALS, CHAT_TEMPLATE)).encode())
+    for f in _BUILDER_PARTS:
+        h.update(inspect.getsource(f).encode())
+    return h.hexdigest()[:16]
+
+
+def cached_checkpoint(config: dict, seed: int = 0) -> Path:
+    """`make_checkpoint` once per (config, seed, recipe) into CACHE_ROOT, written atomically, reused."""
+    final = CACHE_ROOT / _checkpoint_key(config, seed)
+    if final.is_dir():
+        return final
+    CACHE_ROOT.mkdir(parents=True, exist_ok=True)
+    with open(CACHE_ROOT / f".{final.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a second process waits, then finds the folder
+        if not final.is_dir():
+            tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=CACHE_ROOT))
+            try:
+                make_checkpoint(tmp, config, seed)
+                os.chmod(tmp, 0o755)
+                os.rename(tmp, final)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def load_official(ckpt: Path):
+    """(LFM2AudioModel, LFM2AudioProcessor) from the official package, float32 on CPU, eval mode."""
+    import torch
+
+    official()
+    from liquid_audio import LFM2AudioModel, LFM2AudioProcessor
+
+    model = LFM2AudioModel.from_pretrained(Path(ckpt), dtype=torch.float32, device="cpu").eval()
+    processor = LFM2AudioProcessor.from_pretrained(Path(ckpt), device="cpu").eval()
+    return model, processor
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "full_size: uses the full-size checkpoint (~6 GB RAM per model; run "
+                                       "under flock /tmp/lfm2audio-bigmem.lock). Runs in CI, never skipped.")
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt() -> Path:
+    """A TINY_CONFIG checkpoint folder (seed 0), cached on disk."""
+    return cached_checkpoint(TINY_CONFIG, 0)
+
+
+@pytest.fixture(scope="session")
+def full_ckpt() -> Path:
+    """A full-size checkpoint folder (the real config, seed 0; ~3.3 GB), cached on disk.
+
+    Run tests that use it under `flock /tmp/lfm2audio-bigmem.lock`.
+    """
+    return cached_checkpoint(FULL_CONFIG, 0)
+
+
+# ---- the official prompts (as the official README and demo build them) ------------------------------
+
+ASSETS = SHARED / "assets"
+PROMPTS = {  # task: (system prompt, user audio file or None, user text or None, generation mode)
+    "chat": ("Respond with interleaved text and audio.", "question.wav", None, "interleaved"),
+    "text_chat": ("Respond with interleaved text and audio.", None, "What is the capital of France?",
+                  "interleaved"),
+    "asr": ("Perform ASR.", "asr.wav", None, "sequential"),
+    "tts": ("Perform TTS. Use the UK male voice.", None,
+            "Hello! The weather today is sunny with a light breeze.", "sequential"),
+}
+
+
+def load_wav(path: Path):
+    """(wave [channels, samples] float32 tensor, sample rate), like torchaudio.load."""
+    import soundfile as sf
+    import torch
+
+    data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    return torch.from_numpy(data.T.copy()), rate
+
+
+def official_prompt(processor, task: str):
+    """The official ChatState for `task` (a PROMPTS key), ready for the assistant turn."""
+    official()
+    from liquid_audio import ChatState
+
+    system, audio, text, _ = PROMPTS[task]
+    chat = ChatState(processor)
+    chat.new_turn("system")
+    chat.add_text(system)
+    chat.end_turn()
+    chat.new_turn("user")
+    if audio is not None:
+        chat.add_audio(*load_wav(ASSETS / audio))
+    if text is not None:
+        chat.add_text(text)
+    chat.end_turn()
+    chat.new_turn("assistant")
+    return chat
+
+
+def official_generate(model, processor, task: str, max_new_tokens: int = 120, mode: str | None = None):
+    """Greedy official generation for `task`; a list of items (1-element text ids, 8-element frames)."""
+    import torch
+
+    chat = official_prompt(processor, task)
+    gen = model.generate_interleaved if (mode or PROMPTS[task][3]) == "interleaved" else model.generate_sequential
+    with torch.no_grad():
+        return [t.clone() for t in gen(**chat, max_new_tokens=max_new_tokens)]
+
+
+def stream_events(items) -> list:
+    """Compress a generated stream: runs of ("text", n) / ("audio", n), and the special items by name."""
+    names = {AUDIO_START: "audio_start", TEXT_END: "text_end", IM_END: "im_end"}
+    events = []
+    for t in items:
+        if t.numel() == 1 and int(t) in names:
+            events.append(names[int(t)])
+        elif t.numel() > 1 and bool((t == END_OF_AUDIO).all()):
+            events.append("end_of_audio")
+        else:
+            kind = "text" if t.numel() == 1 else "audio"
+            if events and isinstance(events[-1], tuple) and events[-1][0] == kind:
+                events[-1] = (kind, events[-1][1] + 1)
+            else:
+                events.append((kind, 1))
+    return events
