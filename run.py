@@ -1,0 +1,384 @@
+"""LFM2-Audio from the command line: speech-to-speech chat, ASR and TTS.
+
+    python run.py --wav question.wav                      # spoken answer: text on stdout, audio in answer.wav
+    python run.py --text "What is the capital of France?"
+    python run.py --mode asr --wav asr.wav                # transcript on stdout
+    python run.py --mode tts --text "Hello!" --voice uk-female --out hello.wav
+    python run.py --chat                                  # multi-turn: type text or a wav path per turn
+
+The checkpoint (`LiquidAI/LFM2-Audio-1.5B`, ~3.3 GB) is downloaded into the Hugging Face cache on first use;
+HF_HUB_OFFLINE=1 uses the cache only. Text is printed as it is generated; audio is decoded frame by frame
+with streaming Mimi and appended to the wav file as it arrives, so the file is playable before the answer ends.
+Errors are one line on stderr (`error: ...`) and a non-zero exit.
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import soundfile as sf
+import torch
+from safetensors import SafetensorError
+
+import conformer
+from lfm2audio import END_OF_AUDIO, IM_END, MIMI_FILE, Chat, LFM2Audio, checkpoint_folder
+from mimi import SAMPLE_RATE, Mimi
+
+DEFAULT_MODEL = "LiquidAI/LFM2-Audio-1.5B"
+CHAT_SYSTEM = "Respond with interleaved text and audio."
+ASR_SYSTEM = "Perform ASR."
+TTS_SYSTEM = "Perform TTS. Use the {} voice."
+VOICES = {"us-male": "US male", "us-female": "US female", "uk-male": "UK male", "uk-female": "UK female"}
+GENERATION = {"chat": "interleaved", "asr": "sequential", "tts": "sequential"}
+# sampling of the official README examples per task: (text temperature, text top-k, audio temperature,
+# audio top-k); None = greedy. Text is always greedy there; chat audio uses 1.0 / 4, TTS audio 0.8 / 64.
+SAMPLING = {"chat": (None, None, 1.0, 4), "asr": (None, None, None, None), "tts": (None, None, 0.8, 64)}
+MAX_NEW_TOKENS = 512  # the official examples' value
+CONTEXT = 4096  # positions of the static caches: ~3 minutes of spoken conversation
+SILENCE = 1e-4  # peak below this (~3 LSB of 16-bit audio) means there is nothing to hear
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, like every other error of the CLI (argparse adds the usage)
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = Parser(description="LFM2-Audio-1.5B: speech-to-speech chat, ASR and TTS.")
+    p.add_argument("--mode", choices=["chat", "asr", "tts"], default="chat",
+                   help="chat: interleaved text+audio answer (default); asr: transcript; tts: speech of --text")
+    p.add_argument("--wav", help="the user's audio (any rate; multi-channel is averaged to mono)")
+    p.add_argument("--text", help="the user's text (with --wav: after the audio in the same turn)")
+    p.add_argument("--voice", choices=list(VOICES), default="uk-male", help="TTS voice (default uk-male)")
+    p.add_argument("--chat", action="store_true",
+                   help="multi-turn: read one turn per line from stdin (a wav path or text); empty line ends")
+    p.add_argument("--out", default="answer.wav",
+                   help="24 kHz wav of the spoken answer (default answer.wav; --chat: answer_1.wav, ...)")
+    p.add_argument("--codes-out", help="write the prompt ids and generated items as JSON (--chat: FILE_1.json, ...)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"Hugging Face repo id or local folder ({DEFAULT_MODEL})")
+    p.add_argument("--system", help="system prompt (default: the official one of the mode)")
+    p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help=f"per answer (default {MAX_NEW_TOKENS})")
+    p.add_argument("--context", type=int, default=CONTEXT, help=f"context length in positions (default {CONTEXT})")
+    p.add_argument("--greedy", action="store_true", help="greedy text and audio (overrides the sampling options)")
+    p.add_argument("--temperature", type=float, help="text temperature (default: greedy, as the official examples)")
+    p.add_argument("--top-k", type=int, help="text top-k")
+    p.add_argument("--audio-temperature", type=float, help="audio temperature (default chat 1.0, tts 0.8)")
+    p.add_argument("--audio-top-k", type=int, help="audio top-k (default chat 4, tts 64)")
+    p.add_argument("--seed", type=int, help="random seed for sampling")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="model dtype (auto: bfloat16 on cuda, float32 elsewhere); Mimi always runs in float32")
+    args = p.parse_args(argv)
+    if args.max_new_tokens < 1 or args.context < 2:
+        p.error("--max-new-tokens must be >= 1 and --context >= 2")
+    if not args.chat:
+        if args.mode == "tts" and not args.text:
+            p.error("--mode tts needs --text")
+        if args.mode == "asr" and not args.wav:
+            p.error("--mode asr needs --wav")
+        if args.mode == "chat" and not (args.wav or args.text):
+            p.error("give --wav and/or --text (or --chat for a conversation on stdin)")
+    return args
+
+
+# ---- setup ----
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device name (cpu, cuda, cuda:N, mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS is not available")
+    return device
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":  # bf16 halves memory and is fast on GPUs; CPUs are fastest (and exact) in fp32
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def sampling(args) -> dict:
+    """generate() keyword arguments: the official defaults of the mode, overridden by the options."""
+    if args.greedy:
+        return dict(text_temperature=None, text_top_k=None, audio_temperature=None, audio_top_k=None)
+    values = [given if given is not None else default for given, default in zip(
+        (args.temperature, args.top_k, args.audio_temperature, args.audio_top_k), SAMPLING[args.mode])]
+    values = [None if v is not None and v <= 0 else v for v in values]  # 0 means greedy / no top-k
+    return dict(zip(("text_temperature", "text_top_k", "audio_temperature", "audio_top_k"), values))
+
+
+def system_prompt(args) -> str:
+    if args.system is not None:
+        return args.system
+    return {"chat": CHAT_SYSTEM, "asr": ASR_SYSTEM}.get(args.mode) or TTS_SYSTEM.format(VOICES[args.voice])
+
+
+def read_audio(path: str) -> tuple[torch.Tensor, int]:
+    """(mono wave [T], rate) of an audio file; silence is refused rather than answered."""
+    wave, rate = conformer.load_audio(path)
+    peak = float(wave.abs().max())
+    if peak < SILENCE:
+        raise ValueError(f"{path}: audio is silent (peak {peak:.1e})")
+    return wave, rate
+
+
+def numbered(path: str | None, turn: int | None) -> Path | None:
+    """answer.wav -> answer_2.wav for turn 2 of --chat; unchanged for a single answer (turn None)."""
+    if path is None:
+        return None
+    p = Path(path)
+    return p if turn is None else p.with_name(f"{p.stem}_{turn}{p.suffix}")
+
+
+# ---- streaming output ----
+
+class TextPrinter:
+    """Prints text tokens as they arrive. A character's UTF-8 bytes can span several tokens, so the text is
+    decoded from the start each time and a trailing U+FFFD (a character not yet complete) is held back."""
+
+    def __init__(self, tokenizer, out=sys.stdout):
+        self.tokenizer, self.out = tokenizer, out
+        # LFM2's added tokens are all control tokens (<|im_end|>, <|text_end|>, <|audio_start|>, <|reserved_N|>)
+        self.control = {t["id"] for t in tokenizer.added.values()}
+        self.ids: list[int] = []
+        self.shown = 0  # characters printed
+
+    def add(self, token: int):
+        if token not in self.control:  # they steer the generation; they are not part of the answer
+            self.ids.append(token)
+            self._show(self.tokenizer.decode(self.ids).rstrip("\ufffd"))
+
+    def close(self):
+        self._show(self.tokenizer.decode(self.ids))
+        if self.shown:
+            self.out.write("\n")
+            self.out.flush()
+
+    def _show(self, text: str):
+        if len(text) > self.shown:
+            self.out.write(text[self.shown:])
+            self.out.flush()
+            self.shown = len(text)
+
+
+class AudioWriter:
+    """Decodes audio frames with streaming Mimi and appends them to a 24 kHz float wav, flushed after every
+    frame so the header is current and the file playable while the answer goes on. Opened at the first frame
+    (or at once with `eager`), so a text-only answer leaves no file behind."""
+
+    def __init__(self, path: Path, decoder: Mimi, eager: bool):
+        self.path, self.decoder = path, decoder
+        self.stream = decoder.new_stream(1)
+        self.file: sf.SoundFile | None = None
+        self.samples = 0
+        if eager:
+            self._open()
+
+    def _open(self):
+        # FLOAT keeps the decoder's samples exactly (PCM_16 would round them and clip peaks above 1)
+        self.file = sf.SoundFile(str(self.path), "w", samplerate=SAMPLE_RATE, channels=1, subtype="FLOAT")
+
+    def write(self, frame: torch.Tensor):  # frame [8] codes
+        wave = self.decoder.decode_step(frame.view(1, -1, 1), self.stream)[0, 0]  # [1920]
+        if self.file is None:
+            self._open()
+        self.file.write(wave.float().cpu().numpy())
+        self.file.flush()
+        self.samples += wave.numel()
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+
+
+# ---- one answer ----
+
+class ContextFull(ValueError):
+    """The prompt leaves no room for an answer."""
+
+
+def answer(model: LFM2Audio, decoder: Mimi, chat: Chat, args, wav_path: Path, codes_path: Path | None,
+           load_s: float) -> list:
+    """Generate the assistant's turn for `chat` (which ends with `<|im_start|>assistant\\n`): text to stdout,
+    audio to `wav_path`, timing to stderr. Returns the generated items, without a final <|im_end|>."""
+    room = args.context - len(chat)
+    if room < 1:
+        raise ContextFull(f"the prompt has {len(chat)} positions, the context {args.context} (--context)")
+    max_new = min(args.max_new_tokens, room)
+    if max_new < args.max_new_tokens:
+        print(f"note: answer limited to {max_new} tokens by the context of {args.context}", file=sys.stderr)
+    prompt_ids = list(chat.text)
+    items = []
+    printer = TextPrinter(model.tokenizer)
+    audio = AudioWriter(wav_path, decoder, eager=args.mode != "asr")
+    t0 = time.perf_counter()
+    first_text = first_audio = None
+    try:
+        for kind, value in model.generate(chat, mode=GENERATION[args.mode], max_new_tokens=max_new,
+                                          **sampling(args)):
+            if kind == "text":
+                if first_text is None:
+                    first_text = time.perf_counter() - t0
+                printer.add(value)
+                items.append(("text", value))
+            else:
+                items.append(("audio", value.tolist()))
+                # end of audio is a signal to the LM, not a sound; like the official demo, a frame holding
+                # the end-of-audio code in any codebook is not decoded (Mimi has no code 2048)
+                if not (value == END_OF_AUDIO).any():
+                    audio.write(value)
+                    if first_audio is None:
+                        first_audio = time.perf_counter() - t0
+    finally:
+        audio.close()
+        printer.close()
+    total = time.perf_counter() - t0
+    if items and items[-1] == ("text", IM_END):  # sequential mode yields it; the turn's end is not content
+        items.pop()
+    if codes_path is not None:
+        codes_path.write_text(json.dumps({"prompt_ids": prompt_ids, "items": [list(i) for i in items]}))
+    report_time(load_s, first_text, first_audio, audio.samples / SAMPLE_RATE, total, wav_path)
+    return items
+
+
+def report_time(load_s, first_text, first_audio, audio_s, total, wav_path):
+    """One stderr line per answer; RTF = generation time / seconds of audio generated (< 1: faster than
+    real time)."""
+    def s(t):
+        return "-" if t is None else f"{t:.2f} s"
+    rtf = f"RTF {total / audio_s:.2f}" if audio_s else "no audio"
+    print(f"[time] load {load_s:.2f} s | first text {s(first_text)} | first audio {s(first_audio)} | "
+          f"{audio_s:.2f} s of audio in {total:.2f} s ({rtf})" + (f" -> {wav_path}" if audio_s else ""),
+          file=sys.stderr)
+
+
+def add_user_turn(chat: Chat, audio: tuple[torch.Tensor, int] | None, text: str | None):
+    """The user's turn (audio first, then text, as the official prompts), closed; the assistant's opened."""
+    chat.new_turn("user")
+    if audio is not None:
+        chat.add_audio(*audio)
+    if text:
+        chat.add_text(text)
+    chat.end_turn()
+    chat.new_turn("assistant")
+
+
+def new_chat(model: LFM2Audio, args) -> Chat:
+    chat = Chat(model.tokenizer)  # mel features kept in bf16, as the official ChatState does by default
+    chat.new_turn("system")
+    chat.add_text(system_prompt(args))
+    chat.end_turn()
+    return chat
+
+
+def load(args) -> tuple[LFM2Audio, Mimi, float]:
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    t0 = time.perf_counter()
+    folder = checkpoint_folder(args.model)  # downloads on first use
+    model = LFM2Audio.from_pretrained(folder, device=device, dtype=dtype, max_seq_len=args.context)
+    decoder = Mimi.from_file(folder / MIMI_FILE, device=device)
+    return model, decoder, time.perf_counter() - t0
+
+
+def run_chat(args, model, decoder, load_s, audio) -> int:
+    """One turn per stdin line (a path to an audio file, or text); the history keeps the model's own text ids
+    and audio frames, as the official multi-turn example does with ChatState.append."""
+    chat = new_chat(model, args)
+    if audio is not None or args.text:  # the first turn from the command line
+        add_user_turn(chat, audio, args.text)
+    elif not read_user_turn(chat):
+        return 0
+    turn = 0
+    while True:
+        turn += 1
+        try:
+            items = answer(model, decoder, chat, args, numbered(args.out, turn), numbered(args.codes_out, turn),
+                           load_s)
+        except ContextFull as e:
+            print(f"context full: {e}; start a new chat (or raise --context)", file=sys.stderr)
+            return 0
+        chat.append(items)
+        chat.end_turn()
+        if not read_user_turn(chat):
+            return 0
+
+
+def read_user_turn(chat: Chat) -> bool:
+    """Add the next stdin line as a user turn; False at EOF or an empty line. A bad audio file is reported and
+    the next line read."""
+    while True:
+        if sys.stdin.isatty():
+            print("you> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline().strip()
+        if not line:  # EOF or an empty line
+            return False
+        if not (line.lower().endswith(AUDIO_SUFFIXES) or Path(line).is_file()):
+            add_user_turn(chat, None, line)
+            return True
+        try:
+            audio = read_audio(line)
+        except (FileNotFoundError, ValueError, OSError) as e:
+            print(f"error: {one_line(e)}", file=sys.stderr)
+            continue
+        add_user_turn(chat, audio, None)
+        return True
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    sys.stdout.reconfigure(errors="replace")  # a terminal that cannot show a character gets '?', not a crash
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    try:
+        for out in (args.out, args.codes_out):  # bad input or output fails before the long load
+            if out is not None and not Path(out).resolve().parent.is_dir():
+                raise FileNotFoundError(f"{out}: no such folder to write into")
+        audio = read_audio(args.wav) if args.wav else None
+        model, decoder, load_s = load(args)
+        if args.chat:
+            return run_chat(args, model, decoder, load_s, audio)
+        chat = new_chat(model, args)
+        add_user_turn(chat, audio, args.text)
+        answer(model, decoder, chat, args, Path(args.out), numbered(args.codes_out, None), load_s)
+        return 0
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 0 if args.chat else 130
+    except ContextFull as e:
+        print(f"error: prompt too long: {e}", file=sys.stderr)
+    except torch.OutOfMemoryError:
+        print(f"error: out of memory on {args.device} (try --dtype bfloat16, a smaller --context, or "
+              "--device cpu)", file=sys.stderr)
+    # expected failures: missing or bad files (audio, checkpoint folder, tensors), an output file that cannot be
+    # written, download failures and cache misses (checkpoint_folder raises FileNotFoundError;
+    # huggingface_hub's own errors are OSErrors)
+    except SafetensorError as e:  # the safetensors reader does not name the file
+        print(f"error: {args.model}: unreadable checkpoint file ({one_line(e)})", file=sys.stderr)
+    except (FileNotFoundError, ValueError, OSError, sf.SoundFileError) as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+    return 1
+
+
+def one_line(e: Exception) -> str:
+    return " ".join(str(e).split())  # some messages (huggingface_hub's) span lines
+
+
+if __name__ == "__main__":
+    sys.exit(main())
