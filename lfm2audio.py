@@ -1,0 +1,667 @@
+"""LFM2-Audio-1.5B: the LFM2 backbone, the audio depthformer, the chat prompt and both generation modes.
+
+Reads the official Hugging Face checkpoint folder as it is (module names equal the keys of `model.safetensors`)
+and reproduces the official `liquid-audio` 1.3.0 generation token for token. Decoding is gpt-fast style: static,
+preallocated caches (KV for attention layers, the last two conv inputs for conv layers, an 8-step cache for the
+depthformer), so that `decode_one` and `sample_audio_frame` have fixed shapes and can be compiled.
+
+    model = LFM2Audio.from_pretrained("LiquidAI/LFM2-Audio-1.5B")
+    chat = Chat(model.tokenizer)
+    chat.new_turn("system"); chat.add_text("Respond with interleaved text and audio."); chat.end_turn()
+    chat.new_turn("user"); chat.add_audio(*conformer.load_audio("question.wav")); chat.end_turn()
+    chat.new_turn("assistant")
+    for kind, value in model.generate(chat, mode="interleaved", max_new_tokens=512): ...
+"""
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+
+import conformer
+from tokenizer import Tokenizer
+
+# modality flags of prompt positions (the official LFMModality values)
+TEXT, AUDIO_IN, AUDIO_OUT = 1, 2, 3
+
+# text ids with a meaning for generation
+IM_END = 7  # <|im_end|>: the assistant's turn is over
+AUDIO_START = 128  # <|audio_start|>: sequential mode switches to audio
+TEXT_END = 130  # <|text_end|>: interleaved mode has no more text, audio only
+
+AUDIO_VOCAB = 2049  # 2048 Mimi codes + end of audio
+END_OF_AUDIO = 2048
+
+# the depthformer's attention shape is fixed in the official code, not in config.json
+DEPTH_HEADS, DEPTH_KV_HEADS = 32, 8
+DEPTH_ROPE_THETA = 1e6
+NORM_EPS = 1e-5  # the official depthformer and embedding norms
+
+MIMI_FILE = "tokenizer-e351c8d8-checkpoint125.safetensors"
+CHECKPOINT_FILES = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", MIMI_FILE]
+
+
+def swiglu_width(ff_dim: int, multiplier: float | None = 1.0, multiple_of: int = 256) -> int:
+    """The hidden width the official code derives from a nominal FF width: 2/3 of it, rounded up to 256."""
+    width = int(2 * ff_dim / 3)
+    if multiplier is not None:  # transformers rounds only inside this branch; so do we
+        width = int(multiplier * width)
+        width = multiple_of * ((width + multiple_of - 1) // multiple_of)
+    return width
+
+
+@dataclass
+class Config:
+    """What inference needs from config.json (the LFM2 block, the depthformer, the interleave pattern)."""
+
+    dim: int = 2048
+    layer_types: list[str] = field(default_factory=lambda: ["conv"] * 16)
+    n_heads: int = 32
+    n_kv_heads: int = 8
+    ff_dim: int = 8192  # SwiGLU hidden width, after the official adjustment
+    vocab_size: int = 65536
+    norm_eps: float = 1e-5
+    rope_theta: float = 1e6
+    conv_kernel: int = 3
+    codebooks: int = 8
+    tie_audio_embeddings: bool = False
+    depth_layers: int = 6
+    depth_dim: int = 1024
+    depth_tie: bool = True
+    interleaved_n_text: int = 6
+    interleaved_n_audio: int = 12
+    encoder: dict = field(default_factory=dict)  # config.json's "encoder", for conformer.EncoderConfig
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        lfm, depth = d["lfm"], d["depthformer"]
+        n_layers = lfm["num_hidden_layers"]
+        layer_types = lfm.get("layer_types") or [
+            "full_attention" if i in lfm["full_attn_idxs"] else "conv" for i in range(n_layers)]
+        ff = lfm.get("block_ff_dim", lfm.get("intermediate_size"))  # transformers lets block_ff_dim win
+        if lfm.get("block_auto_adjust_ff_dim", True):
+            ff = swiglu_width(ff, lfm.get("block_ffn_dim_multiplier", 1.0), lfm.get("block_multiple_of", 256))
+        rope = lfm.get("rope_parameters") or {}
+        return cls(
+            dim=lfm["hidden_size"], layer_types=list(layer_types[:n_layers]), n_heads=lfm["num_attention_heads"],
+            n_kv_heads=lfm["num_key_value_heads"], ff_dim=ff, vocab_size=lfm["vocab_size"],
+            norm_eps=lfm.get("norm_eps", 1e-5), rope_theta=rope.get("rope_theta", lfm.get("rope_theta", 1e6)),
+            conv_kernel=lfm.get("conv_L_cache", 3), codebooks=d["codebooks"],
+            tie_audio_embeddings=d["tie_audio_embeddings"], depth_layers=depth["layers"], depth_dim=depth["dim"],
+            depth_tie=depth["tie"], interleaved_n_text=d["interleaved_n_text"],
+            interleaved_n_audio=d["interleaved_n_audio"], encoder=d["encoder"])
+
+    @classmethod
+    def from_file(cls, path: Path) -> "Config":
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: config file not found")
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (KeyError, TypeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: not an LFM2-Audio config ({type(e).__name__}: {e})") from None
+
+
+# ---- shared pieces ----
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32. The two official implementations apply the weight at different precisions
+    (transformers after casting back, the depthformer before), which matters in bf16; `weight_in_fp32` picks."""
+
+    def __init__(self, dim: int, eps: float = NORM_EPS, weight_in_fp32: bool = False):
+        super().__init__()
+        self.eps, self.weight_in_fp32 = eps, weight_in_fp32
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.weight_in_fp32:
+            return (normed * self.weight).type_as(x)
+        return self.weight * normed.type_as(x)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class KVCache(nn.Module):
+    """Static key/value cache [1, n_kv_heads, max_len, head_dim], written at `input_pos`."""
+
+    def __init__(self, n_kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype, device):
+        super().__init__()
+        shape = (1, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        self.k[:, :, input_pos] = k
+        self.v[:, :, input_pos] = v
+        return self.k, self.v
+
+
+def attend(q, k, v, kv_cache: KVCache, input_pos, mask) -> torch.Tensor:
+    """q [1, H, T, hd], k/v [1, KV, T, hd] -> [1, T, H*hd], k/v written to the cache at input_pos. `mask`
+    None: the T tokens are a prefill from position 0 and attend causally among themselves (as the official
+    code does); else one decode step over the whole static cache, positions past `input_pos` masked out."""
+    k_all, v_all = kv_cache.update(input_pos, k, v)
+    if mask is None:
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    else:
+        y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=True)
+    return y.transpose(1, 2).flatten(2)
+
+
+# ---- LFM2 backbone (keys lfm.*) ----
+
+def rope_rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """LFM2's RoPE: the two halves of each head form the pairs. x [B, H, T, hd], cos/sin [T, hd]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class ShortConv(nn.Module):
+    """Gated short convolution: B, C, x = in_proj(h); y = C * causal_depthwise_conv(B * x); out_proj(y).
+    Decoding keeps the last kernel-1 inputs of the conv (`state`), zeroed at each prefill."""
+
+    def __init__(self, dim: int, kernel: int):
+        super().__init__()
+        self.kernel = kernel
+        self.in_proj = nn.Linear(dim, 3 * dim, bias=False)
+        self.conv = nn.Conv1d(dim, dim, kernel, groups=dim, bias=False)
+        self.out_proj = nn.Linear(dim, dim, bias=False)
+        self.register_buffer("state", None, persistent=False)  # [1, dim, kernel-1], made by setup_caches
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [1, T, D]
+        b, c, xx = self.in_proj(x).transpose(1, 2).chunk(3, dim=1)  # each [1, D, T]
+        window = torch.cat([self.state, b * xx], dim=-1)  # [1, D, kernel-1+T]: the state is the left padding
+        self.state.copy_(window[:, :, -(self.kernel - 1):])
+        y = F.conv1d(window, self.conv.weight, groups=window.shape[1])  # [1, D, T]
+        return self.out_proj((c * y).transpose(1, 2))
+
+
+class Attention(nn.Module):
+    """GQA attention, per-head RMSNorm on q and k before RoPE (keys lfm.layers.N.self_attn.*)."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.dim // cfg.n_heads
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
+        self.out_proj = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
+        self.q_layernorm = RMSNorm(self.head_dim, cfg.norm_eps)
+        self.k_layernorm = RMSNorm(self.head_dim, cfg.norm_eps)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, input_pos, mask) -> torch.Tensor:  # x [1, T, D]
+        bsz, t, _ = x.shape
+        q = self.q_layernorm(self.q_proj(x).view(bsz, t, self.n_heads, self.head_dim)).transpose(1, 2)
+        k = self.k_layernorm(self.k_proj(x).view(bsz, t, self.n_kv_heads, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(x).view(bsz, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = rope_rotate_half(q, cos, sin), rope_rotate_half(k, cos, sin)
+        return self.out_proj(attend(q, k, v, self.kv_cache, input_pos, mask))
+
+
+class LFM2Block(nn.Module):
+    def __init__(self, cfg: Config, layer_type: str):
+        super().__init__()
+        if layer_type == "conv":
+            self.conv = ShortConv(cfg.dim, cfg.conv_kernel)
+        else:
+            self.self_attn = Attention(cfg)
+        self.operator_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg.dim, cfg.ff_dim)
+
+    def forward(self, x, cos, sin, input_pos, mask) -> torch.Tensor:
+        h = self.operator_norm(x)
+        h = self.conv(h) if hasattr(self, "conv") else self.self_attn(h, cos, sin, input_pos, mask)
+        h = x + h
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class LFM2(nn.Module):
+    """The LFM2 backbone on input embeddings; returns hidden states after the final norm (`embedding_norm`)."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(LFM2Block(cfg, t) for t in cfg.layer_types)
+        self.embedding_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        for name in ("rope_cos", "rope_sin", "positions"):  # made by setup_caches
+            self.register_buffer(name, None, persistent=False)
+        self.max_seq_len = 0
+
+    def setup_caches(self, max_seq_len: int):
+        w = self.embed_tokens.weight
+        head_dim = self.cfg.dim // self.cfg.n_heads
+        # the official loader casts the whole model, RoPE inverse frequencies included, to the model dtype;
+        # cos/sin are then computed in fp32 from those rounded values and cast back
+        inv_freq = 1.0 / (self.cfg.rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+        inv_freq = inv_freq.to(w.dtype).float().to(w.device)
+        freqs = torch.arange(max_seq_len, device=w.device).float()[:, None] * inv_freq  # [S, hd/2]
+        angles = torch.cat([freqs, freqs], dim=-1)  # [S, hd]
+        self.rope_cos, self.rope_sin = angles.cos().to(w.dtype), angles.sin().to(w.dtype)
+        self.positions = torch.arange(max_seq_len, device=w.device)
+        for layer in self.layers:
+            if hasattr(layer, "conv"):
+                layer.conv.state = w.new_zeros(1, self.cfg.dim, self.cfg.conv_kernel - 1)
+            else:
+                layer.self_attn.kv_cache = KVCache(self.cfg.n_kv_heads, max_seq_len, head_dim, w.dtype, w.device)
+        self.max_seq_len = max_seq_len
+
+    def forward(self, x: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        """x [1, T, D] at positions input_pos [T] -> [1, T, D]. T > 1 is a prefill from position 0 (call
+        `reset` first); T == 1 is a decode step over the cache."""
+        cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
+        mask = None if x.shape[1] > 1 else (self.positions <= input_pos).view(1, 1, 1, -1)
+        for layer in self.layers:
+            x = layer(x, cos, sin, input_pos, mask)
+        return self.embedding_norm(x)
+
+    def reset(self):
+        """Start a new sequence: conv states back to zero (the KV cache needs no reset, it is masked)."""
+        for layer in self.layers:
+            if hasattr(layer, "conv"):
+                layer.conv.state.zero_()
+
+
+# ---- depthformer (keys depthformer.*) ----
+
+def rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The depthformer's RoPE: adjacent pairs (x0, x1), (x2, x3), ... rotated, in fp32 as the official code
+    does. x [B, H, T, hd], cos/sin [T, hd/2] fp32."""
+    xf = x.float().unflatten(-1, (-1, 2))
+    a, b = xf[..., 0], xf[..., 1]
+    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2).type_as(x)
+
+
+class QKNorm(nn.Module):
+    """Per-head q/k RMSNorms; a module of its own only because the checkpoint nests them here."""
+
+    def __init__(self, head_dim: int):
+        super().__init__()
+        self.q_layernorm = RMSNorm(head_dim, NORM_EPS, weight_in_fp32=True)
+        self.k_layernorm = RMSNorm(head_dim, NORM_EPS, weight_in_fp32=True)
+
+
+class DepthAttention(nn.Module):
+    """Fused-qkv GQA attention (32 heads, 8 KV heads), per-head q/k norm, interleaved RoPE."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.head_dim = dim // DEPTH_HEADS
+        self.qkv_proj = nn.Linear(dim, dim + 2 * DEPTH_KV_HEADS * self.head_dim, bias=False)
+        self.out_proj = nn.Linear(dim, dim, bias=False)
+        self.bounded_attention = QKNorm(self.head_dim)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, input_pos, mask) -> torch.Tensor:  # x [1, 1, dim]
+        kv_width = DEPTH_KV_HEADS * self.head_dim
+        q, k, v = self.qkv_proj(x).split([x.shape[-1], kv_width, kv_width], dim=-1)
+        q = self.bounded_attention.q_layernorm(q.unflatten(-1, (DEPTH_HEADS, self.head_dim))).transpose(1, 2)
+        k = self.bounded_attention.k_layernorm(k.unflatten(-1, (DEPTH_KV_HEADS, self.head_dim))).transpose(1, 2)
+        v = v.unflatten(-1, (DEPTH_KV_HEADS, self.head_dim)).transpose(1, 2)
+        q, k = rope_interleaved(q, cos, sin), rope_interleaved(k, cos, sin)
+        return self.out_proj(attend(q, k, v, self.kv_cache, input_pos, mask))
+
+
+class DepthBlock(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.operator = DepthAttention(dim)
+        self.operator_norm = RMSNorm(dim, NORM_EPS, weight_in_fp32=True)
+        self.ffn_norm = RMSNorm(dim, NORM_EPS, weight_in_fp32=True)
+        self.feed_forward = FeedForward(dim, swiglu_width(4 * dim))
+
+    def forward(self, x, cos, sin, input_pos, mask) -> torch.Tensor:
+        h = x + self.operator(self.operator_norm(x), cos, sin, input_pos, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Depthformer(nn.Module):
+    """Small transformer run once per codebook of an audio frame: position k of its own 8-step cache."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.layers = nn.ModuleList(DepthBlock(cfg.depth_dim) for _ in range(cfg.depth_layers))
+        self.codebooks = cfg.codebooks
+        for name in ("rope_cos", "rope_sin", "positions"):  # made by setup_caches
+            self.register_buffer(name, None, persistent=False)
+
+    def setup_caches(self):
+        w = self.layers[0].operator.qkv_proj.weight
+        head_dim = self.layers[0].operator.head_dim
+        # fp32 whatever the model dtype: the official table is complex64 and is not cast with the model
+        inv_freq = 1.0 / (DEPTH_ROPE_THETA ** (torch.arange(0, head_dim, 2).float() / head_dim))
+        angles = torch.arange(self.codebooks).float()[:, None] * inv_freq  # [8, hd/2]
+        self.rope_cos, self.rope_sin = angles.cos().to(w.device), angles.sin().to(w.device)
+        self.positions = torch.arange(self.codebooks, device=w.device)
+        for layer in self.layers:
+            layer.operator.kv_cache = KVCache(DEPTH_KV_HEADS, self.codebooks, head_dim, w.dtype, w.device)
+
+    def forward(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """x [1, 1, dim] for codebook k -> [1, 1, dim]; positions past k are masked, so no reset is needed."""
+        input_pos = self.positions[k:k + 1]
+        mask = (self.positions <= k).view(1, 1, 1, -1)
+        cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
+        for layer in self.layers:
+            x = layer(x, cos, sin, input_pos, mask)
+        return x  # no final norm: each codebook's head has its own
+
+
+class SharedEmbedding(nn.Module):
+    """An embedding table plus the norm and projection that turn a hidden state into logits over it."""
+
+    def __init__(self, dim: int, vocab: int, tie: bool):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, dim)
+        self.embedding_norm = RMSNorm(dim, NORM_EPS, weight_in_fp32=True)
+        self.to_logits = nn.Linear(dim, vocab, bias=False)
+        self.tie = tie
+        self.tie_weights()
+
+    def tie_weights(self):
+        if self.tie:
+            self.to_logits.weight = self.embedding.weight
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.to_logits(self.embedding_norm(x))
+
+
+# ---- sampling ----
+
+def sample(logits: torch.Tensor, temperature: float | None = None, top_k: int | None = None) -> torch.Tensor:
+    """logits [V] -> id [1]. Greedy when temperature is None/<= 0 or top_k == 1; else temperature, top-k
+    mask, softmax, multinomial (the official order, so seeded draws agree)."""
+    if temperature is None or temperature <= 0 or top_k == 1:
+        return logits.argmax(keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, -float("inf"))
+    return torch.multinomial(logits.softmax(0), 1)
+
+
+# ---- chat prompt ----
+
+class Chat:
+    """A conversation in the official prompt layout: `<|startoftext|>`, then per turn
+    `<|im_start|>{role}\\n` + content + `<|im_end|>\\n`. Positions are text ids, audio-in clips (one position
+    per encoder frame) or audio-out frames (8 codes), in order; `modality` holds one flag per position."""
+
+    def __init__(self, tokenizer: Tokenizer, mel_dtype: torch.dtype = torch.bfloat16):
+        self.tokenizer = tokenizer
+        # the official ChatState stores mel features in its dtype, bf16 unless told otherwise, whatever the
+        # model's dtype; rounding them the same way keeps the two pipelines equal
+        self.mel_dtype = mel_dtype
+        self.text: list[int] = []  # ids of the TEXT positions
+        self.mels: list[torch.Tensor] = []  # log-mel [128, n] of each audio-in clip
+        self.frames: list[torch.Tensor] = []  # codes [8] of each AUDIO_OUT position
+        self.modality: list[int] = []
+        self.add_text("<|startoftext|>")
+
+    def __len__(self) -> int:
+        return len(self.modality)
+
+    def add_text(self, text: str):
+        ids = self.tokenizer.encode(text)
+        self.text += ids
+        self.modality += [TEXT] * len(ids)
+
+    def add_audio(self, wave: torch.Tensor, sample_rate: int):
+        """A mono recording [T] at any rate, heard by the model through the conformer encoder."""
+        if wave.dim() != 1 or wave.numel() == 0:
+            raise ValueError(f"audio must be a non-empty mono wave [T], got shape {tuple(wave.shape)}")
+        mel = conformer.audio_features(wave.float(), sample_rate)
+        self.mels.append(mel.to(self.mel_dtype))
+        self.modality += [AUDIO_IN] * conformer.emb_len(mel.shape[1])
+
+    def new_turn(self, role: str):
+        if role not in ("system", "user", "assistant"):
+            raise ValueError(f"role must be system, user or assistant, got {role!r}")
+        self.add_text(f"<|im_start|>{role}\n")
+
+    def end_turn(self):
+        self.add_text("<|im_end|>\n")
+
+    def append(self, items):
+        """Add generated ("text", id) / ("audio", codes [8]) items to the history, as the official demo does
+        with ChatState.append (end-of-audio frames included)."""
+        for kind, value in items:
+            if kind == "text":
+                self.text.append(int(value))
+                self.modality.append(TEXT)
+            else:
+                self.frames.append(torch.as_tensor(value).long().flatten().cpu())
+                self.modality.append(AUDIO_OUT)
+
+
+# ---- the model ----
+
+class LFM2Audio(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        enc = conformer.EncoderConfig.from_dict(cfg.encoder)
+        self.lfm = LFM2(cfg)
+        self.conformer = conformer.ConformerEncoder(enc)
+        self.audio_adapter = conformer.AudioAdapter(enc.d_model, cfg.dim)
+        # audio-out frames are embedded through this table; its norm and to_logits are training leftovers
+        # that the checkpoint carries
+        self.audio_embedding = SharedEmbedding(cfg.dim, AUDIO_VOCAB * cfg.codebooks, cfg.tie_audio_embeddings)
+        self.register_buffer("codebook_offsets", torch.arange(cfg.codebooks) * AUDIO_VOCAB)
+        self.register_buffer("audio_loss_weights", torch.ones(cfg.codebooks))  # training only; in the file
+        self.depth_linear = nn.Linear(cfg.dim, cfg.codebooks * cfg.depth_dim)
+        self.depthformer = Depthformer(cfg)
+        self.depth_embeddings = nn.ModuleList(
+            SharedEmbedding(cfg.depth_dim, AUDIO_VOCAB, cfg.depth_tie) for _ in range(cfg.codebooks))
+        self.tokenizer: Tokenizer | None = None  # set by from_pretrained
+
+    # -- loading --
+
+    @classmethod
+    def from_pretrained(cls, repo_id_or_path: str | Path, device="cpu", dtype=torch.float32,
+                        max_seq_len: int = 4096) -> "LFM2Audio":
+        """Load a checkpoint folder, or a Hugging Face repo id (downloads only the files needed; honours
+        HF_HUB_OFFLINE), cast to `dtype` on `device`, with caches for `max_seq_len` positions."""
+        folder = checkpoint_folder(repo_id_or_path)
+        cfg = Config.from_file(folder / "config.json")
+        weights = folder / "model.safetensors"
+        if not weights.is_file():
+            raise FileNotFoundError(f"{weights}: model weights not found")
+        # built on the meta device, then allocated uninitialised: every tensor is overwritten by the load,
+        # and random init of 1.5B parameters would take longer than the load itself
+        with torch.device("meta"):
+            model = cls(cfg)
+        model = model.to(dtype=dtype).to_empty(device=device)
+        for m in model.modules():  # moving off meta made separate copies of tied weights
+            if isinstance(m, SharedEmbedding):
+                m.tie_weights()
+        model.load_checkpoint(load_file(str(weights), device=str(device)), name=str(weights))
+        tok = folder / "tokenizer.json"
+        if not tok.is_file():
+            raise FileNotFoundError(f"{tok}: text tokenizer not found")
+        model.tokenizer = Tokenizer.from_file(tok)
+        model.setup_caches(max_seq_len)
+        return model.eval()
+
+    def load_checkpoint(self, state: dict[str, torch.Tensor], name: str = "checkpoint"):
+        """Strict load of a checkpoint state dict. A tied weight may be stored once or twice. Missing,
+        unexpected or mis-shaped tensors are reported by name in one ValueError."""
+        expected = self.state_dict()
+        state = dict(state)
+        for a, b in self._tied_pairs():  # safetensors stores a shared tensor under one of its names
+            if a in state and b not in state:
+                state[b] = state[a]
+            elif b in state and a not in state:
+                state[a] = state[b]
+        missing = [k for k in expected if k not in state]
+        unexpected = [k for k in state if k not in expected]
+        wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})"
+                 for k, v in expected.items() if k in state and state[k].shape != v.shape]
+        problems = [f"{what}: {', '.join(names[:8])}" + (f" (+{len(names) - 8} more)" if len(names) > 8 else "")
+                    for what, names in (("missing tensors", missing), ("unexpected tensors", unexpected),
+                                        ("wrong shapes", wrong)) if names]
+        if problems:
+            raise ValueError(f"{name}: " + "; ".join(problems))
+        self.load_state_dict(state, strict=True)
+
+    def _tied_pairs(self) -> list[tuple[str, str]]:
+        embeddings = [("audio_embedding", self.audio_embedding)] + [
+            (f"depth_embeddings.{k}", e) for k, e in enumerate(self.depth_embeddings)]
+        return [(f"{n}.embedding.weight", f"{n}.to_logits.weight") for n, e in embeddings if e.tie]
+
+    def setup_caches(self, max_seq_len: int):
+        """Allocate the static caches: the backbone's for `max_seq_len` positions, the depthformer's 8 steps."""
+        self.lfm.setup_caches(max_seq_len)
+        self.depthformer.setup_caches()
+
+    # -- prompt embedding --
+
+    def embed_audio_out(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes [8, N] -> [N, D]: the sum over codebooks k of audio_embedding[code_k + 2049 k]."""
+        return self.audio_embedding.embedding(codes + self.codebook_offsets[:, None]).sum(0)
+
+    def embed_audio_in(self, mels: list[torch.Tensor]) -> torch.Tensor:
+        """log-mel clips [128, n_i] -> [sum_i ceil(n_i / 8), D]: batched through the encoder, then the adapter."""
+        dev, dt = self.embed_tokens_weight.device, self.embed_tokens_weight.dtype
+        batch, lengths = conformer.pad_mels(mels)
+        h, out_lengths = self.conformer(batch.to(device=dev, dtype=dt), lengths.to(dev))  # [B, T', d]
+        frames = torch.cat([h[b, :n] for b, n in enumerate(out_lengths.tolist())])
+        return self.audio_adapter(frames)
+
+    @property
+    def embed_tokens_weight(self) -> torch.Tensor:
+        return self.lfm.embed_tokens.weight
+
+    def embed_prompt(self, chat: Chat) -> torch.Tensor:
+        """The chat's positions -> input embeddings [1, L, D]."""
+        w = self.embed_tokens_weight
+        flags = torch.tensor(chat.modality, device=w.device)
+        x = w.new_empty(len(chat), w.shape[1])
+        x[flags == TEXT] = self.lfm.embed_tokens(torch.tensor(chat.text, device=w.device))
+        if chat.mels:
+            x[flags == AUDIO_IN] = self.embed_audio_in(chat.mels)
+        if chat.frames:
+            x[flags == AUDIO_OUT] = self.embed_audio_out(torch.stack(chat.frames, 1).to(w.device))
+        return x[None]
+
+    # -- the two steps of the backbone --
+
+    def prefill(self, x: torch.Tensor) -> torch.Tensor:
+        """Prompt embeddings [1, L, D] -> the last position's hidden state [D]; fills the caches."""
+        self.lfm.reset()
+        return self.lfm(x, torch.arange(x.shape[1], device=x.device))[0, -1]
+
+    def decode_one(self, x: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        """One embedding [1, 1, D] at position input_pos [1] -> hidden state [D]. Fixed shapes: compilable."""
+        return self.lfm(x, input_pos)[0, -1]
+
+    def text_logits(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, self.embed_tokens_weight)  # tied to the input embedding
+
+    def sample_audio_frame(self, h: torch.Tensor, temperature: float | None = None,
+                           top_k: int | None = None) -> torch.Tensor:
+        """Backbone hidden state [D] -> one audio frame, codes [8]: the depthformer runs once per codebook,
+        its input the frame's projection plus the embedding of the previous codebook's code."""
+        d = self.depth_linear(h).view(self.cfg.codebooks, -1)  # [8, depth_dim]
+        prev = torch.zeros_like(d[0])
+        codes = []
+        for k, head in enumerate(self.depth_embeddings):
+            y = self.depthformer((d[k] + prev)[None, None], k)[0, 0]
+            code = sample(head.logits(y), temperature, top_k)  # [1]
+            codes.append(code)
+            prev = head.embedding(code)[0]
+        return torch.cat(codes)
+
+    # -- generation --
+
+    @torch.no_grad()
+    def generate(self, chat: Chat, mode: str = "interleaved", max_new_tokens: int = 512,
+                 text_temperature: float | None = None, text_top_k: int | None = None,
+                 audio_temperature: float | None = None, audio_top_k: int | None = None
+                 ) -> Iterator[tuple[str, object]]:
+        """Yield ("text", id) and ("audio", codes LongTensor[8]) as they are produced; `max_new_tokens` counts
+        backbone steps, as the official generate_interleaved / generate_sequential do.
+
+        interleaved (chat): 6 text tokens then 12 audio frames, repeating; <|im_end|> stops (not yielded);
+        <|text_end|> ends text for good; an end-of-audio frame (yielded, all 2048) switches to text.
+        sequential (ASR, TTS): text until <|audio_start|>, then audio until an end-of-audio frame; <|im_end|>
+        is yielded and stops."""
+        if mode not in ("interleaved", "sequential"):
+            raise ValueError(f"mode must be 'interleaved' or 'sequential', got {mode!r}")
+        if self.lfm.max_seq_len == 0:
+            raise ValueError("caches not set up: call setup_caches(max_seq_len) first")
+        n = len(chat)
+        if n + max_new_tokens > self.lfm.max_seq_len:
+            raise ValueError(f"prompt of {n} positions + {max_new_tokens} new tokens exceeds the context of "
+                             f"{self.lfm.max_seq_len} (raise max_seq_len)")
+        interleaved = mode == "interleaved"
+        x = self.embed_prompt(chat)
+        pos = torch.tensor([n - 1], device=x.device)
+        in_text, left, text_done = True, self.cfg.interleaved_n_text, False
+        for step in range(max_new_tokens):
+            left -= 1
+            if step == 0:
+                h = self.prefill(x)
+            else:
+                pos += 1
+                h = self.decode_one(x, pos)
+            if in_text:
+                token = sample(self.text_logits(h), text_temperature, text_top_k)  # [1]
+                tid = int(token)
+                if interleaved:
+                    if tid == IM_END:
+                        return
+                    yield "text", tid
+                    text_done = text_done or tid == TEXT_END
+                    if not left or text_done:
+                        in_text, left = False, self.cfg.interleaved_n_audio
+                else:
+                    yield "text", tid
+                    if tid == IM_END:
+                        return
+                    in_text = tid != AUDIO_START
+                x = self.lfm.embed_tokens(token)[None]  # [1, 1, D]
+            else:
+                frame = self.sample_audio_frame(h, audio_temperature, audio_top_k)
+                if interleaved and not left and not text_done:
+                    in_text, left = True, self.cfg.interleaved_n_text
+                if frame[0] == END_OF_AUDIO:
+                    frame[:] = END_OF_AUDIO
+                    in_text = True
+                yield "audio", frame.clone()
+                x = self.embed_audio_out(frame[:, None])[None]  # [1, 1, D]
+
+
+def checkpoint_folder(repo_id_or_path: str | Path) -> Path:
+    """A local folder as is; otherwise a Hugging Face repo id, fetched (only the files the model needs) into
+    the hub cache. With HF_HUB_OFFLINE=1 only the cache is used."""
+    path = Path(repo_id_or_path)
+    if path.is_dir():
+        return path
+    name = str(repo_id_or_path)
+    if isinstance(repo_id_or_path, Path) or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise FileNotFoundError(f"{name}: no such checkpoint folder (nor a Hugging Face repo id owner/name)")
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(name, allow_patterns=CHECKPOINT_FILES))
+    except Exception as e:  # offline without a cached copy, unknown repo, network down
+        raise FileNotFoundError(f"{name}: could not get the checkpoint from Hugging Face "
+                                f"({type(e).__name__}: {e})") from None
