@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
@@ -493,7 +494,11 @@ class LFM2Audio(nn.Module):
         for m in model.modules():  # moving off meta made separate copies of tied weights
             if isinstance(m, SharedEmbedding):
                 m.tie_weights()
-        model.load_checkpoint(load_file(str(weights), device=str(device)), name=str(weights))
+        try:
+            state = load_file(str(weights), device=str(device))
+        except SafetensorError as e:  # the reader's message does not name the file
+            raise ValueError(f"{weights}: unreadable safetensors file ({e})") from None
+        model.load_checkpoint(state, name=str(weights))
         tok = folder / "tokenizer.json"
         if not tok.is_file():
             raise FileNotFoundError(f"{tok}: text tokenizer not found")
@@ -662,6 +667,6 @@ def checkpoint_folder(repo_id_or_path: str | Path) -> Path:
     from huggingface_hub import snapshot_download
     try:
         return Path(snapshot_download(name, allow_patterns=CHECKPOINT_FILES))
-    except Exception as e:  # offline without a cached copy, unknown repo, network down
+    except (OSError, ValueError) as e:  # offline cache miss, unknown repo, network down (hub errors are OSErrors)
         raise FileNotFoundError(f"{name}: could not get the checkpoint from Hugging Face "
                                 f"({type(e).__name__}: {e})") from None

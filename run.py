@@ -20,7 +20,6 @@ from pathlib import Path
 
 import soundfile as sf
 import torch
-from safetensors import SafetensorError
 
 import conformer
 from lfm2audio import END_OF_AUDIO, IM_END, MIMI_FILE, Chat, LFM2Audio, checkpoint_folder
@@ -369,8 +368,6 @@ def main(argv=None) -> int:
     # expected failures: missing or bad files (audio, checkpoint folder, tensors), an output file that cannot be
     # written, download failures and cache misses (checkpoint_folder raises FileNotFoundError;
     # huggingface_hub's own errors are OSErrors)
-    except SafetensorError as e:  # the safetensors reader does not name the file
-        print(f"error: {args.model}: unreadable checkpoint file ({one_line(e)})", file=sys.stderr)
     except (FileNotFoundError, ValueError, OSError, sf.SoundFileError) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
     return 1

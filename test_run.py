@@ -257,7 +257,7 @@ def test_run_error_checkpoint(tiny_ckpt, tmp_path):
     save_file(state, str(folder / "model.safetensors"))
     _run_error(["--model", folder, "--text", "hi"], tmp_path, "depth_linear.weight")
     (folder / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ")
-    _run_error(["--model", folder, "--text", "hi"], tmp_path, "unreadable checkpoint file")
+    _run_error(["--model", folder, "--text", "hi"], tmp_path, "unreadable safetensors file")
     _run_error(["--model", tmp_path / "no_such_folder", "--text", "hi"], tmp_path, "no_such_folder")
 
 
