@@ -38,8 +38,9 @@ MAX_NEW_TOKENS = 512  # the official examples' value
 CONTEXT = 4096  # positions of the static caches: ~3 minutes of spoken conversation
 SILENCE = 1e-4  # peak below this (~3 LSB of 16-bit audio) means there is nothing to hear
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+# the official code runs bf16 or fp32; fp16 is left out: nothing to compare it with, and its range can overflow
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+LFM2_MAX_POSITIONS = 128000  # transformers' Lfm2Config default, for a config.json without max_position_embeddings
 
 
 class Parser(argparse.ArgumentParser):
@@ -129,12 +130,17 @@ def system_prompt(args) -> str:
 
 
 def read_audio(path: str) -> tuple[torch.Tensor, int]:
-    """(mono wave [T], rate) of an audio file; silence is refused rather than answered."""
+    """(mono wave [T] at 16 kHz, 16000) of an audio file; silence is refused rather than answered. Resampled
+    here (Chat.add_audio then leaves it as is) so that a rate we cannot convert fails before the model loads,
+    or in --chat before the turn is started."""
     wave, rate = conformer.load_audio(path)
     peak = float(wave.abs().max())
     if peak < SILENCE:
         raise ValueError(f"{path}: audio is silent (peak {peak:.1e})")
-    return wave, rate
+    try:
+        return conformer.resample(wave, rate, conformer.SAMPLE_RATE), conformer.SAMPLE_RATE
+    except ValueError as e:  # e.g. a rate sharing too small a factor with 16 kHz
+        raise ValueError(f"{path}: {e}") from None
 
 
 def numbered(path: str | None, turn: int | None) -> Path | None:
@@ -178,32 +184,23 @@ class TextPrinter:
 
 class AudioWriter:
     """Decodes audio frames with streaming Mimi and appends them to a 24 kHz float wav, flushed after every
-    frame so the header is current and the file playable while the answer goes on. Opened at the first frame
-    (or at once with `eager`), so a text-only answer leaves no file behind."""
+    frame so the header is current and the file playable while the answer goes on."""
 
-    def __init__(self, path: Path, decoder: Mimi, eager: bool):
-        self.path, self.decoder = path, decoder
+    def __init__(self, path: Path, decoder: Mimi):
+        self.decoder = decoder
         self.stream = decoder.new_stream(1)
-        self.file: sf.SoundFile | None = None
-        self.samples = 0
-        if eager:
-            self._open()
-
-    def _open(self):
         # FLOAT keeps the decoder's samples exactly (PCM_16 would round them and clip peaks above 1)
-        self.file = sf.SoundFile(str(self.path), "w", samplerate=SAMPLE_RATE, channels=1, subtype="FLOAT")
+        self.file = sf.SoundFile(str(path), "w", samplerate=SAMPLE_RATE, channels=1, subtype="FLOAT")
+        self.samples = 0
 
     def write(self, frame: torch.Tensor):  # frame [8] codes
         wave = self.decoder.decode_step(frame.view(1, -1, 1), self.stream)[0, 0]  # [1920]
-        if self.file is None:
-            self._open()
         self.file.write(wave.float().cpu().numpy())
         self.file.flush()
         self.samples += wave.numel()
 
     def close(self):
-        if self.file is not None:
-            self.file.close()
+        self.file.close()
 
 
 # ---- one answer ----
@@ -212,10 +209,11 @@ class ContextFull(ValueError):
     """The prompt leaves no room for an answer."""
 
 
-def answer(model: LFM2Audio, decoder: Mimi, chat: Chat, args, wav_path: Path, codes_path: Path | None,
+def answer(model: LFM2Audio, decoder: Mimi | None, chat: Chat, args, wav_path: Path, codes_path: Path | None,
            load_s: float) -> list:
     """Generate the assistant's turn for `chat` (which ends with `<|im_start|>assistant\\n`): text to stdout,
-    audio to `wav_path`, timing to stderr. Returns the generated items, without a final <|im_end|>."""
+    audio to `wav_path` (none without a decoder: ASR), timing to stderr. Returns the generated items, without a
+    final <|im_end|>."""
     room = args.context - len(chat)
     if room < 1:
         raise ContextFull(f"the prompt has {len(chat)} positions, the context {args.context} (--context)")
@@ -225,7 +223,7 @@ def answer(model: LFM2Audio, decoder: Mimi, chat: Chat, args, wav_path: Path, co
     prompt_ids = list(chat.text)
     items = []
     printer = TextPrinter(model.tokenizer)
-    audio = AudioWriter(wav_path, decoder, eager=args.mode != "asr")
+    audio = AudioWriter(wav_path, decoder) if decoder is not None else None
     t0 = time.perf_counter()
     first_text = first_audio = None
     try:
@@ -240,19 +238,20 @@ def answer(model: LFM2Audio, decoder: Mimi, chat: Chat, args, wav_path: Path, co
                 items.append(("audio", value.tolist()))
                 # end of audio is a signal to the LM, not a sound; like the official demo, a frame holding
                 # the end-of-audio code in any codebook is not decoded (Mimi has no code 2048)
-                if not (value == END_OF_AUDIO).any():
+                if audio is not None and not (value == END_OF_AUDIO).any():
                     audio.write(value)
                     if first_audio is None:
                         first_audio = time.perf_counter() - t0
     finally:
-        audio.close()
+        if audio is not None:
+            audio.close()
         printer.close()
     total = time.perf_counter() - t0
     if items and items[-1] == ("text", IM_END):  # sequential mode yields it; the turn's end is not content
         items.pop()
     if codes_path is not None:
         codes_path.write_text(json.dumps({"prompt_ids": prompt_ids, "items": [list(i) for i in items]}))
-    report_time(load_s, first_text, first_audio, audio.samples / SAMPLE_RATE, total, wav_path)
+    report_time(load_s, first_text, first_audio, audio.samples / SAMPLE_RATE if audio else 0.0, total, wav_path)
     return items
 
 
@@ -286,13 +285,47 @@ def new_chat(model: LFM2Audio, args) -> Chat:
     return chat
 
 
-def load(args) -> tuple[LFM2Audio, Mimi, float]:
+def check_outputs(args):
+    """The output paths can be written, checked before the long load rather than at the first frame."""
+    for out in (args.out, args.codes_out):
+        if out is None:
+            continue
+        if Path(out).is_dir():
+            raise ValueError(f"{out}: is a folder, give a file name")
+        if not Path(out).resolve().parent.is_dir():
+            raise FileNotFoundError(f"{out}: no such folder to write into")
+    if Path(args.out).suffix.lower() != ".wav":  # the answer is written as a float wav, whatever the name says
+        raise ValueError(f"--out {args.out}: the answer is written as a wav file, give a name ending in .wav")
+
+
+def check_checkpoint(folder: Path, args):
+    """Fail before the long load: every file the mode needs is there (ASR writes no audio, so needs no Mimi)
+    and --context fits the model's positions (the caches for it are allocated up front)."""
+    needed = {"config.json": "config file", "model.safetensors": "model weights", "tokenizer.json": "text tokenizer"}
+    if args.mode != "asr":
+        needed[MIMI_FILE] = "Mimi checkpoint"
+    for name, what in needed.items():
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder / name}: {what} not found")
+    config = folder / "config.json"
+    try:
+        limit = json.loads(config.read_text())["lfm"].get("max_position_embeddings", LFM2_MAX_POSITIONS)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{config}: not an LFM2-Audio config ({type(e).__name__}: {e})") from None
+    if args.context > limit:
+        raise ValueError(f"--context {args.context}: more positions than the model has ({limit}, "
+                         f"max_position_embeddings in {config})")
+
+
+def load(args) -> tuple[LFM2Audio, Mimi | None, float]:
+    """The model, and the Mimi decoder (None for ASR), and the seconds it took."""
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     t0 = time.perf_counter()
     folder = checkpoint_folder(args.model)  # downloads on first use
+    check_checkpoint(folder, args)
     model = LFM2Audio.from_pretrained(folder, device=device, dtype=dtype, max_seq_len=args.context)
-    decoder = Mimi.from_file(folder / MIMI_FILE, device=device)
+    decoder = None if args.mode == "asr" else Mimi.from_file(folder / MIMI_FILE, device=device)
     return model, decoder, time.perf_counter() - t0
 
 
@@ -319,6 +352,17 @@ def run_chat(args, model, decoder, load_s, audio) -> int:
             return 0
 
 
+def names_audio(line: str) -> bool:
+    """Whether a --chat line is an audio file's path (else it is a text message): it ends in an audio suffix
+    (a missing file is then reported) or is an existing file."""
+    if line.lower().endswith(AUDIO_SUFFIXES):
+        return True
+    try:
+        return Path(line).is_file()
+    except (OSError, ValueError):  # a message is often no valid path: over 255 bytes, or with a NUL
+        return False
+
+
 def read_user_turn(chat: Chat) -> bool:
     """Add the next stdin line as a user turn; False at EOF or an empty line. A bad audio file is reported and
     the next line read."""
@@ -328,7 +372,7 @@ def read_user_turn(chat: Chat) -> bool:
         line = sys.stdin.readline().strip()
         if not line:  # EOF or an empty line
             return False
-        if not (line.lower().endswith(AUDIO_SUFFIXES) or Path(line).is_file()):
+        if not names_audio(line):
             add_user_turn(chat, None, line)
             return True
         try:
@@ -346,9 +390,7 @@ def main(argv=None) -> int:
     if args.seed is not None:
         torch.manual_seed(args.seed)
     try:
-        for out in (args.out, args.codes_out):  # bad input or output fails before the long load
-            if out is not None and not Path(out).resolve().parent.is_dir():
-                raise FileNotFoundError(f"{out}: no such folder to write into")
+        check_outputs(args)  # bad input or output fails before the long load
         audio = read_audio(args.wav) if args.wav else None
         model, decoder, load_s = load(args)
         if args.chat:

@@ -85,15 +85,19 @@ def _run_official_append(chat, items: list) -> None:
     chat.end_turn()
 
 
-def _run_check_answer(codes_json: Path, wav: Path, ochat, processor, model, mode: str) -> tuple[list, str]:
-    """codes JSON == official prompt ids and items; wav == official Mimi decode. Returns the items and the
-    answer's text as run.py should print it."""
+def _run_check_answer(codes_json: Path, wav: Path | None, ochat, processor, model, mode: str) -> tuple[list, str]:
+    """codes JSON == official prompt ids and items; wav == official Mimi decode (wav None: ASR, no audio
+    decoded). Returns the items and the answer's text as run.py should print it."""
     got = json.loads(codes_json.read_text())
     assert got["prompt_ids"] == ochat.text[0].tolist(), "prompt ids differ from the official ChatState's"
     want = _run_official_generate(model, ochat, mode)
     assert got["items"] == want, "generated items differ from the official generation (greedy: must be equal)"
+    text = processor.text.decode([v for k, v in want if k == "text"], skip_special_tokens=True)
+    assert text.strip(), "the answer should have text to compare"
+    if wav is None:
+        return want, text + "\n"
     frames = [v for k, v in want if k == "audio" and 2048 not in v]
-    assert frames and any(k == "text" for k, _ in want), "the answer should have text and audio to compare"
+    assert frames, "the answer should have audio to compare"
 
     with torch.no_grad():
         ref = processor.mimi.decode(torch.tensor(frames).T[None])[0, 0].numpy()  # [1920 * frames]
@@ -102,7 +106,6 @@ def _run_check_answer(codes_json: Path, wav: Path, ochat, processor, model, mode
     assert data.shape == ref.shape, f"wav has {data.shape[0]} samples, official decode {ref.shape[0]}"
     diff = float(np.abs(data - ref).max())
     assert diff <= RUN_WAV_ATOL, f"wav vs official Mimi decode: max abs diff {diff:.2e} > {RUN_WAV_ATOL}"
-    text = processor.text.decode([v for k, v in want if k == "text"], skip_special_tokens=True)
     return want, text + "\n"
 
 
@@ -117,8 +120,9 @@ def test_run_matches_official(task, cli, tiny_ckpt, run_official, tmp_path):
     assert "[time] load" in r.stderr and "first text" in r.stderr, r.stderr
     model, processor = run_official
     ochat = official_prompt(processor, task)  # same system prompt and user turn as the CLI's
-    _, text = _run_check_answer(tmp_path / "codes.json", tmp_path / "answer.wav", ochat, processor, model,
-                                PROMPTS[task][3])
+    wav = None if task == "asr" else tmp_path / "answer.wav"  # ASR loads no Mimi and writes no audio
+    assert (tmp_path / "answer.wav").exists() == (wav is not None)
+    _, text = _run_check_answer(tmp_path / "codes.json", wav, ochat, processor, model, PROMPTS[task][3])
     assert r.stdout == text, f"stdout {r.stdout!r} != the answer's text {text!r}"
 
 
@@ -147,6 +151,17 @@ def test_run_chat_bad_line_then_empty_line(tiny_ckpt, tmp_path):
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.strip().splitlines() == ["error: nope.wav: no such audio file"], r.stderr
     assert r.stdout == "" and not list(tmp_path.glob("*.wav"))
+
+
+def test_run_chat_long_text_line(tiny_ckpt, tmp_path):
+    """A typed message longer than a file name may be (255 bytes) is a text turn, not a crash of is_file()."""
+    message = "Tell me more about that, " * 12  # 300 characters
+    r = _run_ok(["--model", tiny_ckpt, "--chat", "--greedy", "--max-new-tokens", 8, "--device", "cpu",
+                 "--codes-out", "codes.json"], tmp_path, stdin=f"Hello there.\n{message}\n")
+    assert r.stderr.count("[time] load") == 2 and "error" not in r.stderr, r.stderr
+    ids = Tokenizer.from_file(tiny_ckpt / "tokenizer.json").encode(message.strip())
+    prompt = json.loads((tmp_path / "codes_2.json").read_text())["prompt_ids"]
+    assert any(prompt[i:i + len(ids)] == ids for i in range(len(prompt))), "the message is not in turn 2's prompt"
 
 
 def test_run_chat_context_full(tiny_ckpt, tmp_path):
@@ -204,7 +219,7 @@ def test_run_audio_writer_streams(tiny_ckpt, tmp_path):
     """Each frame is on disk (header included) once written; the file equals the whole-sequence decode."""
     decoder = Mimi.from_file(tiny_ckpt / MIMI_FILE)
     codes = torch.randint(0, 2048, (5, 8), generator=torch.Generator().manual_seed(0))
-    writer = run.AudioWriter(tmp_path / "a.wav", decoder, eager=True)
+    writer = run.AudioWriter(tmp_path / "a.wav", decoder)
     assert sf.info(str(tmp_path / "a.wav")).frames == 0
     for n, frame in enumerate(codes, 1):
         writer.write(frame)
@@ -225,7 +240,7 @@ def test_run_error_bad_audio(tmp_path):
     _run_error(["--wav", "garbage.wav"], tmp_path, "garbage.wav: cannot read audio")
     _run_error(["--wav", "empty.wav"], tmp_path, "empty.wav")
     _run_error(["--wav", "silent.wav"], tmp_path, "silent.wav: audio is silent")
-    _run_error(["--wav", "."], tmp_path, "error:")  # a folder
+    _run_error(["--wav", "."], tmp_path, ".: cannot read audio")  # a folder
 
 
 def test_run_error_bad_options(tmp_path):
@@ -235,6 +250,8 @@ def test_run_error_bad_options(tmp_path):
     _run_error(["--mode", "asr"], tmp_path, "--mode asr needs --wav")
     _run_error([], tmp_path, "--wav and/or --text")
     _run_error(["--text", "hi", "--device", "tpu9"], tmp_path, "--device tpu9")
+    _run_error(["--text", "hi", "--dtype", "float16"], tmp_path, "invalid choice: 'float16'")  # no fp16 reference
+    _run_error(["--text", "hi", "--context", 0], tmp_path, "--context >= 2")
 
 
 def _run_partial_checkpoint(src: Path, dst: Path, skip: str) -> Path:
@@ -262,8 +279,14 @@ def test_run_error_checkpoint(tiny_ckpt, tmp_path):
 
 
 def test_run_error_unwritable_output(tmp_path):
+    """Checked before the model loads (no --model here: the default repo is not even looked up)."""
     _run_error(["--text", "hi", "--out", "no/such/dir/a.wav"], tmp_path, "no/such/dir/a.wav: no such folder")
     _run_error(["--text", "hi", "--codes-out", "nowhere/c.json"], tmp_path, "nowhere/c.json: no such folder")
+    for out in ["answer.mp3", "answer", "answer.flac"]:
+        _run_error(["--text", "hi", "--out", out], tmp_path, f"--out {out}: the answer is written as a wav file")
+    (tmp_path / "dir.wav").mkdir()
+    _run_error(["--text", "hi", "--out", "dir.wav"], tmp_path, "dir.wav: is a folder")
+    _run_error(["--text", "hi", "--codes-out", "."], tmp_path, ".: is a folder")
 
 
 def test_run_error_offline_cache_miss(tmp_path):
@@ -274,3 +297,45 @@ def test_run_error_offline_cache_miss(tmp_path):
 def test_run_error_prompt_too_long(tiny_ckpt, tmp_path):
     _run_error(["--model", tiny_ckpt, "--wav", ASSETS / "question.wav", "--context", 50, "--device", "cpu"],
                tmp_path, "prompt too long")
+
+
+def test_run_error_context_too_large(tiny_ckpt, tmp_path):
+    """A --context past the model's positions is refused before caches for it are allocated."""
+    limit = json.loads((tiny_ckpt / "config.json").read_text())["lfm"]["max_position_embeddings"]
+    _run_error(["--model", tiny_ckpt, "--text", "hi", "--device", "cpu", "--context", limit + 1], tmp_path,
+               f"--context {limit + 1}: more positions than the model has ({limit}")
+    _run_error(["--model", tiny_ckpt, "--text", "hi", "--device", "cpu", "--context", 10**15], tmp_path,
+               "more positions than the model has")
+
+
+def test_run_asr_without_mimi(tiny_ckpt, tmp_path):
+    """ASR needs no Mimi file; the other modes report it missing before reading the model weights."""
+    folder = _run_partial_checkpoint(tiny_ckpt, tmp_path / "no_mimi", MIMI_FILE)
+    r = _run_ok(["--model", folder, "--mode", "asr", "--wav", ASSETS / "asr.wav", "--greedy", "--max-new-tokens", 8,
+                 "--device", "cpu"], tmp_path)
+    assert r.stdout.strip() and "[time] load" in r.stderr, r.stderr
+    assert not (tmp_path / "answer.wav").exists()
+    (folder / "model.safetensors").unlink()
+    (folder / "model.safetensors").write_bytes(b"not safetensors")  # would fail the load, were it read first
+    _run_error(["--model", folder, "--text", "hi", "--device", "cpu"], tmp_path, "Mimi checkpoint not found")
+
+
+def test_run_odd_audio(tiny_ckpt, tmp_path):
+    """Odd rates and many channels are heard or refused in one line; a rate pair whose resampling filter bank
+    would be huge (44101 Hz -> 16 kHz) is refused before the model loads."""
+    rng = np.random.default_rng(0)
+    sf.write(str(tmp_path / "r7.wav"), rng.uniform(-0.5, 0.5, 70).astype(np.float32), 7)
+    sf.write(str(tmp_path / "r384k.wav"), rng.uniform(-0.5, 0.5, 384000).astype(np.float32), 384000)
+    sf.write(str(tmp_path / "ch8.wav"), rng.uniform(-0.5, 0.5, (16000, 8)).astype(np.float32), 16000)
+    for name in ["r7.wav", "r384k.wav", "ch8.wav"]:
+        r = _run_ok(["--model", tiny_ckpt, "--mode", "asr", "--wav", name, "--greedy", "--max-new-tokens", 4,
+                     "--device", "cpu"], tmp_path)
+        assert r.stdout.strip(), f"{name}: no transcript\n{r.stderr}"
+    sf.write(str(tmp_path / "r44101.wav"), rng.uniform(-0.5, 0.5, 44101).astype(np.float32), 44101)
+    _run_error(["--model", tmp_path / "no_such_folder", "--wav", "r44101.wav"], tmp_path,
+               "r44101.wav: cannot resample 44101 Hz -> 16000 Hz")
+    r = _run_cli(["--model", tiny_ckpt, "--chat", "--greedy", "--max-new-tokens", 4, "--device", "cpu"], tmp_path,
+                 stdin="r44101.wav\nHello.\n")  # in --chat: reported, and the chat goes on
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.splitlines()[0].startswith("error: r44101.wav: cannot resample"), r.stderr
+    assert r.stderr.count("[time] load") == 1, r.stderr
