@@ -39,6 +39,7 @@ NORM_EPS = 1e-5  # added to the per-band std
 # resampler (torchaudio's defaults, which the official code uses)
 RESAMPLE_WIDTH = 6  # zero crossings of the sinc on each side
 RESAMPLE_ROLLOFF = 0.99  # cutoff as a fraction of the lower Nyquist frequency
+RESAMPLE_MAX_KERNEL = 2**26  # filter weights (256 MB in float32); rates sharing no factor need far more
 # attention scores of padded positions are set to this (not -inf), as in the official code
 MASK_VALUE = -10000.0
 
@@ -65,25 +66,24 @@ def load_audio(path) -> tuple[torch.Tensor, int]:
     return torch.from_numpy(data).mean(dim=1), sr
 
 
-def _sinc_kernel(orig: int, new: int, dtype, device) -> tuple[torch.Tensor, int]:
-    """Windowed-sinc filters for `orig` -> `new` (coprime): [new, 1, 2 * width + orig] and width.
+def _sinc_kernel(orig: int, new: int, width: int, dtype, device) -> torch.Tensor:
+    """Windowed-sinc filters for `orig` -> `new` (coprime): [new, 1, 2 * width + orig].
 
     Output sample j of each block of `new` lies at time j / new (in input periods / orig); filter j holds
     the lowpassed sinc centred there, sampled at the input times -width .. width + orig - 1.
     """
-    cutoff = min(orig, new) * RESAMPLE_ROLLOFF  # lowpass below the lower Nyquist (anti-aliasing / imaging)
-    width = math.ceil(RESAMPLE_WIDTH * orig / cutoff)  # input samples needed each side
+    cutoff = min(orig, new) * RESAMPLE_ROLLOFF
     times = torch.arange(-width, width + orig, dtype=dtype, device=device)[None] / orig
     t = torch.arange(0, -new, -1, dtype=dtype, device=device)[:, None] / new + times  # [new, K]
     t = (t * cutoff).clamp(-RESAMPLE_WIDTH, RESAMPLE_WIDTH)  # in zero crossings
     window = torch.cos(t * math.pi / RESAMPLE_WIDTH / 2) ** 2  # hann over the filter's span
     t = t * math.pi
     sinc = torch.where(t == 0, torch.ones_like(t), t.sin() / t)
-    return (sinc * (window * (cutoff / orig)))[:, None], width
+    return (sinc * (window * (cutoff / orig)))[:, None]
 
 
 def resample(wave: torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:
-    """Band-limited sinc resampling of wave [..., T] -> [..., ceil(T * new_sr / orig_sr)].
+    """Band-limited sinc resampling of wave [..., T] -> [..., about T * new_sr / orig_sr] (length rule below).
 
     Equal to torchaudio.functional.resample with its defaults (sinc_interp_hann, width 6, rolloff 0.99).
     """
@@ -95,11 +95,21 @@ def resample(wave: torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:
         return wave
     gcd = math.gcd(int(orig_sr), int(new_sr))
     orig, new = int(orig_sr) // gcd, int(new_sr) // gcd  # the filters repeat every `orig` input samples
-    kernel, width = _sinc_kernel(orig, new, wave.dtype, wave.device)
+    # lowpass below the lower Nyquist (anti-aliasing / imaging); `width` input samples needed each side
+    width = math.ceil(RESAMPLE_WIDTH * orig / (min(orig, new) * RESAMPLE_ROLLOFF))
+    if new * (2 * width + orig) > RESAMPLE_MAX_KERNEL:
+        raise ValueError(f"cannot resample {int(orig_sr)} Hz -> {int(new_sr)} Hz: the rates share too small a "
+                         f"factor and the filter bank would have {new * (2 * width + orig):,} weights; convert "
+                         f"the file to a common rate (e.g. 16000 or 48000 Hz) first")
+    kernel = _sinc_kernel(orig, new, width, wave.dtype, wave.device)
     shape, n = wave.shape, wave.shape[-1]
     x = F.pad(wave.reshape(-1, 1, n), (width, width + orig))  # [N, 1, T + pad]
     y = F.conv1d(x, kernel, stride=orig)  # [N, new, blocks]: output j of every block
-    y = y.transpose(1, 2).reshape(x.shape[0], -1)[:, : -(-new * n // orig)]
+    # torchaudio's length: ceil(new * T / orig) with the ratio rounded to float32 first. That drops one
+    # sample when the exact value lies just above an integer (e.g. 200101 samples at 44.1 kHz give 72599,
+    # not 72600); we keep its rule so the official chat state and ours see the same number of mel frames.
+    n_out = math.ceil(np.float32(new * n / orig))
+    y = y.transpose(1, 2).reshape(x.shape[0], -1)[:, :n_out]
     return y.reshape(*shape[:-1], -1)
 
 
@@ -107,20 +117,26 @@ def resample(wave: torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=None)
 def mel_filters() -> torch.Tensor:
-    """Slaney-style mel filterbank (as librosa.filters.mel(sr=16000, n_fft=512, n_mels=128)): [128, 257]."""
-    f_sp, min_log_hz, min_log_mel, logstep = 200 / 3, 1000.0, 15.0, math.log(6.4) / 27
+    """Slaney-style mel filterbank, bit-equal to librosa.filters.mel(sr=16000, n_fft=512, n_mels=128): [128, 257].
+
+    Every step rounds as librosa does, so the official float32 buffer is reproduced exactly: the grid and the
+    triangles in float64, the triangles stored as float32, then scaled by the (float64) slaney norm and
+    stored as float32 again. Rounding the product only once differs in the last bit of a few weights.
+    """
+    f_sp, min_log_hz, logstep = 200.0 / 3, 1000.0, np.log(6.4) / 27.0
+    min_log_mel = min_log_hz / f_sp  # 14.999999999999998 in float64, not 15: librosa computes it so
 
     def hz_to_mel(f):  # linear below 1 kHz, logarithmic above
-        return f / f_sp if f < min_log_hz else min_log_mel + math.log(f / min_log_hz) / logstep
+        return f / f_sp if f < min_log_hz else min_log_mel + np.log(f / min_log_hz) / logstep
 
     def mel_to_hz(m):
-        return np.where(m < min_log_mel, m * f_sp, min_log_hz * np.exp(logstep * (m - min_log_mel)))
+        return np.where(m < min_log_mel, f_sp * m, min_log_hz * np.exp(logstep * (m - min_log_mel)))
 
-    fft_hz = np.linspace(0, SAMPLE_RATE / 2, N_FFT // 2 + 1)
+    fft_hz = np.linspace(0, SAMPLE_RATE / 2, N_FFT // 2 + 1)  # exactly k * 31.25, as numpy's rfftfreq
     edges = mel_to_hz(np.linspace(hz_to_mel(0.0), hz_to_mel(SAMPLE_RATE / 2), N_MELS + 2))  # [130]
     lo, mid, hi = edges[:-2, None], edges[1:-1, None], edges[2:, None]
-    tri = np.maximum(0, np.minimum((fft_hz - lo) / (mid - lo), (hi - fft_hz) / (hi - mid)))
-    return torch.from_numpy(tri * (2 / (hi - lo))).float()  # slaney norm: each band has unit area
+    tri = np.maximum(0, np.minimum((fft_hz - lo) / (mid - lo), (hi - fft_hz) / (hi - mid))).astype(np.float32)
+    return torch.from_numpy((tri * (2 / (hi - lo))).astype(np.float32))  # slaney norm: each band has unit area
 
 
 @functools.lru_cache(maxsize=None)
@@ -145,12 +161,19 @@ def log_mel(wave: torch.Tensor) -> torch.Tensor:
     x = torch.cat([x[:1], x[1:] - PREEMPHASIS * x[:-1]])  # pre-emphasis boosts high frequencies
     spec = torch.stft(x, N_FFT, HOP_LENGTH, window=_window().to(x.device), center=True, pad_mode="constant",
                       return_complex=True)  # [257, 1 + T // 160]
-    mel = torch.log(mel_filters().to(x.device) @ spec.abs().pow(2) + LOG_GUARD)  # [128, frames]
+    # power = |X|^2 taken as sqrt(re^2 + im^2)^2: the sqrt-then-square is not a no-op in float32, and this
+    # order rounds exactly as the official featurizer does (|X| first, then mag_power 2); spec.abs() (a
+    # hypot) or re^2 + im^2 alone differ by an ulp in many bins, and bf16 rounding later can make that a step.
+    power = torch.view_as_real(spec).pow(2).sum(-1).sqrt().pow(2)
+    mel = torch.log(mel_filters().to(x.device) @ power + LOG_GUARD)  # [128, frames]
     n = wave.numel() // HOP_LENGTH  # valid frames
     out = torch.zeros_like(mel)
     if n >= 2:  # with fewer the official normaliser gives exact zeros (its std is 0/0, masked to 0)
-        valid = mel[:, :n]
-        out[:, :n] = (valid - valid.mean(1, keepdim=True)) / (valid.std(1, keepdim=True) + NORM_EPS)
+        # mean and unbiased std per band, spelled out (not Tensor.std) to round as the official code does
+        v = mel[:, :n]
+        m = v.sum(1, keepdim=True) / n
+        s = torch.sqrt(((v - m) ** 2).sum(1, keepdim=True) / (n - 1)) + NORM_EPS
+        out[:, :n] = (v - m) / s
     return out
 
 
@@ -189,14 +212,19 @@ class EncoderConfig:
     # checkpoint settings that pick an architecture we do not build: the value we implement
     _FIXED = {"subsampling": "dw_striding", "self_attention_model": "rel_pos", "xscaling": False,
               "untie_biases": True, "conv_norm_type": "batch_norm", "causal_downsampling": False,
-              "reduction": None, "conv_context_size": None, "att_context_size": [-1, -1], "feat_out": -1}
+              "reduction": None, "conv_context_size": None, "att_context_size": [-1, -1]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "EncoderConfig":
         """From config.json's "encoder" dict; training-only keys (dropout, ...) are ignored."""
         for key, want in cls._FIXED.items():
-            if key in d and d[key] != want and not (key == "feat_out" and d[key] == d.get("d_model")):
+            if key in d and d[key] != want:
                 raise ValueError(f"encoder config: {key}={d[key]!r} is not supported (only {want!r})")
+        # feat_out > 0 would add an output projection to that size; -1 (none) and d_model (the official
+        # code then skips the projection too) both mean the encoder emits d_model features, which we build
+        d_model = d.get("d_model", cls.d_model)
+        if d.get("feat_out", -1) not in (-1, d_model):
+            raise ValueError(f"encoder config: feat_out={d['feat_out']!r} is not supported (only -1 or {d_model})")
         cfg = cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
         if cfg.subsampling_factor < 2 or cfg.subsampling_factor & (cfg.subsampling_factor - 1):
             raise ValueError(f"encoder config: subsampling_factor={cfg.subsampling_factor} is not a power of 2")

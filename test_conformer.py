@@ -4,7 +4,9 @@ The official encoder and ours are built once per module at the real encoder conf
 weights (every parameter and BatchNorm buffer randomised).
 """
 
+import copy
 import json
+import math
 
 import numpy as np
 import pytest
@@ -109,16 +111,55 @@ def test_conformer_resample_matches_torchaudio(orig_sr, new_sr):
     ref = torchaudio.functional.resample(wave, orig_sr, new_sr)
     ours = conformer.resample(wave, orig_sr, new_sr)
     assert ours.shape == ref.shape
-    diff = (ours - ref).abs().max().item()
-    assert diff <= 1e-5, f"resample {orig_sr}->{new_sr}: max abs diff {diff} > 1e-5"
+    # tolerance: none, the same float32 operations in the same order (measured bit-identical)
+    assert torch.equal(ours, ref), f"resample {orig_sr}->{new_sr}: max abs diff {(ours - ref).abs().max()}"
+
+
+@pytest.mark.parametrize("orig_sr", [44100, 22050, 11025])
+def test_conformer_resample_lengths_match_torchaudio(orig_sr):
+    # torchaudio rounds new * T / orig to float32 before the ceil, so some lengths come out one sample
+    # shorter than the exact ceil. Scan lengths where that can happen (new * T mod orig is 1..3, outputs
+    # above 2**16 samples) and random ones; lengths and values must equal torchaudio's exactly.
+    official()
+    import torchaudio.functional
+
+    g = torch.Generator().manual_seed(orig_sr)
+    wave = torch.randn(420_000, generator=g)
+    if orig_sr == 44100:
+        assert torchaudio.functional.resample(wave[:200_101], 44100, 16000).shape[-1] == 72599
+        assert conformer.resample(wave[:200_101], 44100, 16000).shape[-1] == 72599
+    gcd = math.gcd(orig_sr, 16000)
+    orig, new = orig_sr // gcd, 16000 // gcd
+    risky = [n for n in range(100_000, 420_000) if 0 < new * n % orig <= 3]
+    lengths = [risky[int(i)] for i in torch.randint(len(risky), (30,), generator=g)]
+    lengths += torch.randint(1, 420_000, (70,), generator=g).tolist()
+    shorter = 0
+    for n in lengths:
+        ref = torchaudio.functional.resample(wave[:n], orig_sr, 16000)
+        ours = conformer.resample(wave[:n], orig_sr, 16000)
+        assert ours.shape == ref.shape, f"{n} samples at {orig_sr} Hz: length {ours.shape[-1]} != {ref.shape[-1]}"
+        assert torch.equal(ours, ref), f"{n} samples at {orig_sr} Hz: max abs diff {(ours - ref).abs().max()}"
+        shorter += ref.shape[-1] < -(-new * n // orig)
+    assert shorter > 0, "the scan should include lengths where torchaudio's float32 rounding drops a sample"
+
+
+def test_conformer_resample_rejects_huge_kernel():
+    # 44101 Hz shares no factor with 16000: the filter bank would be [16000, 1, 44135] (~2.8 GB)
+    with pytest.raises(ValueError, match=r"44101 Hz -> 16000 Hz.*convert"):
+        conformer.resample(torch.zeros(1000), 44101, 16000)
+    with pytest.raises(ValueError, match=r"7999 Hz -> 16000 Hz"):
+        conformer.audio_features(torch.zeros(1000), 7999)
+    assert conformer.resample(torch.zeros(1000), 44000, 16000).shape == (364,)  # a common factor: fine
 
 
 # ---- mel front end ----
 
 def test_conformer_mel_filters_match_official(_conformer_preprocessor):
     ref = _conformer_preprocessor.featurizer.fb[0]  # librosa.filters.mel, slaney
-    diff = (conformer.mel_filters() - ref).abs().max().item()
-    assert diff <= 1e-6 * ref.abs().max().item(), f"mel filterbank: max abs diff {diff}"
+    ours = conformer.mel_filters()
+    # tolerance: none, the weights are rounded as librosa rounds them
+    assert ours.dtype == ref.dtype
+    assert torch.equal(ours, ref), f"mel filterbank: max abs diff {(ours - ref).abs().max()}"
 
 
 def _conformer_write_stereo(tmp_path):
@@ -130,6 +171,15 @@ def _conformer_write_stereo(tmp_path):
     sf.write(str(path), np.stack([left, right], 1).clip(-1, 1), 22050, subtype="PCM_16")
     data, _ = sf.read(str(path), dtype="float32")  # [T, 2], quantised
     return path, torch.from_numpy(data.mean(1, dtype=np.float32)), 22050
+
+
+def _conformer_assert_same_mel(ours: torch.Tensor, ref: torch.Tensor, what: str) -> None:
+    # float32: max abs diff <= 1e-4 (measured 0: the same operations in the same order); after the
+    # official ChatState's bf16 rounding: exactly equal, so the encoder sees the very same input
+    diff = (ours - ref).abs().max().item()
+    assert diff <= 1e-4, f"mel {what}: max abs diff {diff} > 1e-4"
+    n = (ours.bfloat16() != ref.bfloat16()).sum().item()
+    assert n == 0, f"mel {what}: {n} of {ref.numel()} entries differ after bf16 rounding"
 
 
 @pytest.mark.parametrize("case", ["question", "asr_44k", "stereo", "clip_0.2s", "long_30s"])
@@ -155,8 +205,7 @@ def test_conformer_mel_matches_official(case, _conformer_preprocessor, tmp_path)
     ref = _conformer_official_mel(_conformer_preprocessor, ref_wave, sr)
     ours = conformer.audio_features(wave, sr)
     assert ours.shape == ref.shape == (conformer.N_MELS, 1 + conformer.resample(wave, sr, 16000).numel() // 160)
-    diff = (ours - ref).abs().max().item()
-    assert diff <= 1e-4, f"mel {case}: max abs diff {diff} > 1e-4"
+    _conformer_assert_same_mel(ours, ref, case)
     assert ref.abs().max() > 1, "the mel should not be trivial"
 
 
@@ -205,6 +254,23 @@ def test_conformer_encoder_matches_official_single(_conformer_models, _conformer
                      _conformer_encode(ours, adapter, [mel]), "single clip")
 
 
+def test_conformer_encoder_matches_official_bf16(_conformer_models):
+    # The official model runs in bf16 (LFM2AudioModel.from_pretrained's default dtype): both encoders and
+    # adapters cast to bf16, on the same bf16 mels (batch of 2). Tolerance: none, measured bit-identical.
+    ref, ref_adapter, ours, adapter = (copy.deepcopy(m).to(torch.bfloat16) for m in _conformer_models)
+    question, sr_q = _conformer_read("question.wav")
+    asr, sr_a = _conformer_read("asr.wav")
+    mels = [conformer.audio_features(question, sr_q).bfloat16(),
+            conformer.audio_features(asr[: int(2.3 * sr_a)], sr_a).bfloat16()]
+    (r_h, r_len, r_emb), (h, h_len, emb) = (_conformer_official_encode(ref, ref_adapter, mels),
+                                            _conformer_encode(ours, adapter, mels))
+    assert h.dtype == r_h.dtype == emb.dtype == r_emb.dtype == torch.bfloat16
+    assert torch.equal(h_len, r_len.to(torch.long))
+    for name, a, b in [("encoder", h, r_h), ("adapter", emb, r_emb)]:
+        assert a.shape == b.shape and torch.isfinite(b).all() and b.abs().max() > 0.1
+        assert torch.equal(a, b), f"bf16 {name}: max abs diff {(a.float() - b.float()).abs().max()}"
+
+
 @pytest.mark.parametrize("n_samples", [1, 100, 319, 320, 1000, 1281])
 def test_conformer_short_audio_matches_official(n_samples, _conformer_models, _conformer_preprocessor):
     # Documented behaviour: any clip of >= 1 sample is accepted, like the official code; fewer than 320
@@ -214,7 +280,7 @@ def test_conformer_short_audio_matches_official(n_samples, _conformer_models, _c
     mel = conformer.log_mel(wave)
     ref_mel = _conformer_official_mel(_conformer_preprocessor, wave, 16000)
     assert mel.shape == ref_mel.shape == (128, 1 + n_samples // 160)
-    assert (mel - ref_mel).abs().max().item() <= 1e-4, f"mel of {n_samples} samples"
+    _conformer_assert_same_mel(mel, ref_mel, f"of {n_samples} samples")
     if n_samples < 320:
         assert not mel.any()
     out = _conformer_encode(ours, adapter, [mel])
@@ -278,3 +344,7 @@ def test_conformer_bad_input(tmp_path):
         ours(torch.zeros(1, 80, 50), torch.tensor([50]))
     with pytest.raises(ValueError, match="subsampling"):
         conformer.EncoderConfig.from_dict({**_CONFORMER_CFG["encoder"], "subsampling": "striding"})
+    d_model = _CONFORMER_CFG["encoder"]["d_model"]
+    assert conformer.EncoderConfig.from_dict({**_CONFORMER_CFG["encoder"], "feat_out": d_model}).d_model == d_model
+    with pytest.raises(ValueError, match="feat_out=1024"):
+        conformer.EncoderConfig.from_dict({**_CONFORMER_CFG["encoder"], "feat_out": 1024})

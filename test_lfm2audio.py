@@ -45,14 +45,15 @@ def _lfm2audio_prompt(model, task: str) -> lfm2audio.Chat:
 
 
 def _lfm2audio_assert_same_prompt(chat: lfm2audio.Chat, ochat) -> None:
-    """Same text ids, modality flags, audio-out frames and mel lengths; mel features close."""
+    """Same text ids, modality flags, audio-out frames, mel lengths and mel features (exactly)."""
     assert chat.text == ochat.text[0].tolist(), "text ids differ"
     assert chat.modality == ochat.modality_flag[0].tolist(), "modality flags differ"
     frames = torch.stack(chat.frames, 1) if chat.frames else torch.zeros(8, 0, dtype=torch.long)
     assert torch.equal(frames, ochat.audio_out.cpu()), "audio-out frames differ"
     assert [m.shape[1] for m in chat.mels] == ochat.audio_in_lens.tolist(), "mel lengths differ"
     if chat.mels:  # bf16-rounded in both (the ChatState default); the mel front end itself is test_conformer's
-        _lfm2audio_close(torch.cat(chat.mels, 1), ochat.audio_in, "mel features", 2e-2)
+        mel = torch.cat(chat.mels, 1)
+        assert mel.dtype == ochat.audio_in.dtype and torch.equal(mel, ochat.audio_in.cpu()), "mel features differ"
 
 
 def _lfm2audio_official_items(model, ochat, mode: str, max_new_tokens: int) -> list:
