@@ -303,46 +303,90 @@ def _tune_switches(config: dict, sd: dict, seed: int) -> dict:
     return lifts
 
 
-def _write_mimi(path: Path, seed: int) -> None:
-    """The official Mimi with random weights, saved fp32 with Kyutai's attention key names."""
+MIMI_RMS = 0.3  # level of random codes decoded by the random Mimi: audio-like, so absolute tolerances bite
+
+
+def _mimi_random_state(sd: dict, seed: int) -> dict:
+    """Random values for every tensor of the official Mimi state dict, scaled so each stage stays O(1)."""
     import torch
-    from safetensors.torch import save_file
+
+    out = {}
+    for name, t in sd.items():
+        g = _gen(seed, name)
+        if name.endswith("cluster_usage"):
+            v = torch.rand(t.shape, generator=g) * 1.5 + 0.5
+        elif name.endswith("embedding_sum"):
+            v = torch.randn(t.shape, generator=g)
+        elif name.endswith("_initialized"):
+            v = torch.ones(t.shape)
+        elif "layer_scale" in name:  # trained Mimi scales are far from the 0.01 init
+            v = torch.rand(t.shape, generator=g) * 0.4 + 0.1
+        elif "norm" in name and name.endswith("weight"):
+            v = torch.randn(t.shape, generator=g) * 0.1 + 1.0
+        elif name.endswith("bias"):
+            v = torch.randn(t.shape, generator=g) * 0.1
+        elif "convtr" in name:  # [C_in, C_out/groups, K]: each output sums C_in/groups * K/S taps (K = 2S)
+            v = torch.randn(t.shape, generator=g) * (2 * (t.shape[0] if t.shape[1] > 1 else 1)) ** -0.5
+        else:
+            v = torch.randn(t.shape, generator=g) * t[0].numel() ** -0.5
+        out[name] = v.to(t.dtype)
+    # ~5% dead codes: usage below the codebook's 1e-5 clamp, centroid sums scaled to match, so the clamp matters
+    for name in [k for k in out if k.endswith("cluster_usage")]:
+        dead = torch.rand(out[name].shape, generator=_gen(seed, name + "/dead")) < 0.05
+        out[name][dead] = 1e-7
+        out[name.replace("cluster_usage", "embedding_sum")][dead] *= 1e-5
+    return out
+
+
+def official_mimi(seed: int = 0):
+    """The official Mimi codec (`get_mimi`) with every tensor random, in eval mode.
+
+    Random codes decode to a waveform of RMS ~MIMI_RMS (the last conv is scaled to it): not silence.
+    """
+    import torch
 
     official()
     from liquid_audio.moshi.models.loaders import get_mimi
 
-    with torch.random.fork_rng():  # get_mimi initialises from the global RNG
-        torch.manual_seed(seed)
-        mimi = get_mimi(None, "cpu")
-    sd = mimi.state_dict()
-    for name, t in sd.items():
-        if name.endswith("embedding_sum"):
-            sd[name] = _randn(t.shape, seed, name)
-        elif name.endswith("cluster_usage"):
-            sd[name] = torch.rand(t.shape, generator=_gen(seed, name)) * 1.5 + 0.5
-        elif name.endswith("_initialized"):
-            sd[name] = torch.ones_like(t)
-        elif "layer_scale" in name:  # trained Mimi scales are far from the 0.01 init
-            sd[name] = torch.rand(t.shape, generator=_gen(seed, name)) * 0.3 + 0.05
-        elif name.endswith(("norm1.weight", "norm2.weight")):
-            sd[name] = _randn(t.shape, seed, name, 0.1, 1.0)
-        elif name.endswith(("norm1.bias", "norm2.bias")):
-            sd[name] = _randn(t.shape, seed, name, 0.1)
-    mimi.load_state_dict(sd)
-    # scale the last conv so random codes decode to a waveform of RMS ~0.1 (not silence, not clipping)
+    with torch.random.fork_rng():  # get_mimi initialises from the global RNG; every tensor is replaced anyway
+        mimi = get_mimi(None, "cpu").eval()
+    sd = _mimi_random_state(mimi.state_dict(), seed)
+    mimi.load_state_dict(sd, strict=True)
     codes = torch.randint(0, 2048, (1, 8, 8), generator=_gen(seed, "mimi-probe"))
     with torch.no_grad():
         rms = float(mimi.decode(codes).pow(2).mean().sqrt())
     last = max((k for k in sd if k.startswith("decoder.model.") and k.endswith("conv.conv.weight")),
                key=lambda k: int(k.split(".")[2]))
     for k in (last, last.replace("weight", "bias")):
-        sd[k] = sd[k] * (0.1 / rms)
+        sd[k] = sd[k] * (MIMI_RMS / rms)
+    mimi.load_state_dict(sd, strict=True)
+    return mimi
+
+
+def mimi_file_tensors(mimi, kyutai_names: bool = True) -> dict:
+    """The official Mimi's whole state dict as the real file stores it: fp32, attention named as in Kyutai's
+    release (`in_proj_weight`, `out_proj.weight`), or with kyutai_names=False as the official module names it.
+
+    Renamed here, not with mimi._canonical_key, so the file layout does not come from the code under test.
+    """
     out = {}
-    for name, t in sd.items():
-        name = name.replace("self_attn.in_projs.0.weight", "self_attn.in_proj_weight")
-        name = name.replace("self_attn.out_projs.0.weight", "self_attn.out_proj.weight")
-        out[name] = t.float().contiguous()
-    save_file(out, str(path), metadata={"format": "pt"})
+    for name, t in mimi.state_dict().items():
+        if kyutai_names:
+            name = name.replace("self_attn.in_projs.0.weight", "self_attn.in_proj_weight")
+            name = name.replace("self_attn.out_projs.0.weight", "self_attn.out_proj.weight")
+        out[name] = t.detach().float().contiguous().clone()
+    return out
+
+
+def write_mimi(path: Path, seed: int = 0):
+    """Write `official_mimi(seed)` to `path` like the real Mimi file; return the official module read back from
+    that file with `load_state_dict(strict=True)`, as `LFM2AudioProcessor.mimi` reads it."""
+    from safetensors.torch import load_file, save_file
+
+    mimi = official_mimi(seed)
+    save_file(mimi_file_tensors(mimi), str(path), metadata={"format": "pt"})
+    mimi.load_state_dict(load_file(str(path)), strict=True)
+    return mimi
 
 
 _ST_DTYPES = {"torch.bfloat16": "BF16", "torch.float32": "F32", "torch.int64": "I64"}
@@ -392,19 +436,20 @@ def make_checkpoint(folder: Path, config: dict, seed: int = 0) -> Path:
     _tune_switches(config, sd, seed)
     _save_safetensors(sd, folder / "model.safetensors")
     del sd
-    _write_mimi(folder / MIMI_FILE, seed)
+    write_mimi(folder / MIMI_FILE, seed)
     return folder
 
 
 _BUILDER_PARTS = [training_corpus, write_tokenizer, _gen, _randn, _official_skeleton, _init_tensor, _fan_in,
                   _random_state_dict, _model_from_state_dict, _tuning_states, _lift_row, _tune_switches,
-                  _write_mimi, _save_safetensors, make_checkpoint]
+                  _mimi_random_state, official_mimi, mimi_file_tensors, write_mimi, _save_safetensors, make_checkpoint]
 
 
 def _checkpoint_key(config: dict, seed: int) -> str:
     h = hashlib.sha256()
     h.update(json.dumps(config, sort_keys=True).encode())
-    h.update(repr((seed, FIXTURE_VERSION, LAYER_GAIN, OFFSET_RMS, ROW_NORM_SIGMA, SWITCH_RATES, SPECIALS, CHAT_TEMPLATE)).encode())
+    h.update(repr((seed, FIXTURE_VERSION, LAYER_GAIN, OFFSET_RMS, ROW_NORM_SIGMA, SWITCH_RATES, MIMI_RMS, SPECIALS,
+                   CHAT_TEMPLATE)).encode())
     for f in _BUILDER_PARTS:
         h.update(inspect.getsource(f).encode())
     return h.hexdigest()[:16]
@@ -483,19 +528,18 @@ def load_wav(path: Path):
     return torch.from_numpy(data.T.copy()), rate
 
 
-def official_prompt(processor, task: str):
-    """The official ChatState for `task` (a PROMPTS key), ready for the assistant turn."""
-    official()
-    from liquid_audio import ChatState
-
+def build_prompt(chat, task: str, read_audio):
+    """Fill `chat` with the turns of PROMPTS[task], as the official README builds them; the assistant turn is
+    left open. `chat` is the official ChatState or our lfm2audio.Chat (both have new_turn / add_text /
+    add_audio / end_turn); `read_audio(path) -> (wave, rate)` gives the wave in the form its add_audio takes.
+    """
     system, audio, text, _ = PROMPTS[task]
-    chat = ChatState(processor)
     chat.new_turn("system")
     chat.add_text(system)
     chat.end_turn()
     chat.new_turn("user")
     if audio is not None:
-        chat.add_audio(*load_wav(ASSETS / audio))
+        chat.add_audio(*read_audio(ASSETS / audio))
     if text is not None:
         chat.add_text(text)
     chat.end_turn()
@@ -503,27 +547,57 @@ def official_prompt(processor, task: str):
     return chat
 
 
-def official_generate(model, processor, task: str, max_new_tokens: int = 120, mode: str | None = None):
-    """Greedy official generation for `task`; a list of items (1-element text ids, 8-element frames)."""
+def official_prompt(processor, task: str):
+    """The official ChatState for `task` (a PROMPTS key), ready for the assistant turn."""
+    official()
+    from liquid_audio import ChatState
+
+    return build_prompt(ChatState(processor), task, load_wav)
+
+
+def official_generate(model, chat, mode: str, max_new_tokens: int, drop_im_end: bool = False, **sampling) -> list:
+    """The official generate_interleaved / generate_sequential (`mode`) from `chat`, greedy unless sampling
+    options are given, as items ("text", id) / ("audio", [8 codes]) (our generate's form, and run.py's).
+
+    drop_im_end: drop a final <|im_end|> (sequential mode yields it; run.py does not write it).
+    """
     import torch
 
-    chat = official_prompt(processor, task)
-    gen = model.generate_interleaved if (mode or PROMPTS[task][3]) == "interleaved" else model.generate_sequential
+    gen = model.generate_interleaved if mode == "interleaved" else model.generate_sequential
     with torch.no_grad():
-        return [t.clone() for t in gen(**chat, max_new_tokens=max_new_tokens)]
+        items = [("text", int(t)) if t.numel() == 1 else ("audio", t.flatten().tolist())
+                 for t in gen(**chat, max_new_tokens=max_new_tokens, **sampling)]
+    if drop_im_end and items and items[-1] == ("text", IM_END):
+        items.pop()
+    return items
+
+
+def official_append(chat, items) -> None:
+    """The official multi-turn history update (README, demo): ChatState.append of a finished turn's items
+    (text ids and audio frames, end-of-audio included, in order). The turn is not ended."""
+    import torch
+
+    official()
+    from liquid_audio import LFMModality
+
+    text = [v for k, v in items if k == "text"]
+    audio = [v for k, v in items if k == "audio"]
+    chat.append(text=torch.tensor(text, dtype=torch.long).view(1, -1),
+                audio_out=torch.tensor(audio, dtype=torch.long).view(-1, 8).T,
+                modality_flag=torch.tensor([LFMModality.TEXT if k == "text" else LFMModality.AUDIO_OUT
+                                            for k, _ in items]))
 
 
 def stream_events(items) -> list:
-    """Compress a generated stream: runs of ("text", n) / ("audio", n), and the special items by name."""
+    """Compress generated items: runs of ("text", n) / ("audio", n), and the special items by name."""
     names = {AUDIO_START: "audio_start", TEXT_END: "text_end", IM_END: "im_end"}
     events = []
-    for t in items:
-        if t.numel() == 1 and int(t) in names:
-            events.append(names[int(t)])
-        elif t.numel() > 1 and bool((t == END_OF_AUDIO).all()):
+    for kind, value in items:
+        if kind == "text" and value in names:
+            events.append(names[value])
+        elif kind == "audio" and all(c == END_OF_AUDIO for c in value):
             events.append("end_of_audio")
         else:
-            kind = "text" if t.numel() == 1 else "audio"
             if events and isinstance(events[-1], tuple) and events[-1][0] == kind:
                 events[-1] = (kind, events[-1][1] + 1)
             else:

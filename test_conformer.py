@@ -5,7 +5,6 @@ weights (every parameter and BatchNorm buffer randomised).
 """
 
 import copy
-import json
 import math
 
 import numpy as np
@@ -14,10 +13,10 @@ import soundfile as sf
 import torch
 
 import conformer
-from conftest import SHARED, official
+from conftest import ASSETS, FULL_CONFIG, load_wav, official
 
-_CONFORMER_CFG = json.loads((SHARED / "lfm2-audio" / "config.json").read_text())
-_CONFORMER_ASSETS = SHARED / "assets"
+_CONFORMER_CFG = FULL_CONFIG  # the real config.json
+# the recordings are mono: `(wave,), sr = load_wav(path)` takes the one channel of [1, T] (and checks it is one)
 _CONFORMER_LFM_DIM = _CONFORMER_CFG["lfm"]["hidden_size"]
 
 
@@ -93,11 +92,6 @@ def _conformer_encode(ours, adapter, mels: list[torch.Tensor]):
     return h, h_len, emb
 
 
-def _conformer_read(name: str) -> tuple[torch.Tensor, int]:
-    data, sr = sf.read(str(_CONFORMER_ASSETS / name), dtype="float32")
-    return torch.from_numpy(data), sr
-
-
 # ---- resampler ----
 
 @pytest.mark.parametrize("orig_sr,new_sr", [(44100, 16000), (48000, 16000), (8000, 16000), (22050, 16000),
@@ -164,7 +158,7 @@ def test_conformer_mel_filters_match_official(_conformer_preprocessor):
 
 def _conformer_write_stereo(tmp_path):
     """A 22.05 kHz 16-bit stereo file whose channels differ -> (path, expected mono wave, sr)."""
-    speech, sr = _conformer_read("question.wav")
+    (speech,), sr = load_wav(ASSETS / "question.wav")
     speech = conformer.resample(speech[: 2 * sr], sr, 22050).numpy()
     left, right = speech, 0.5 * np.roll(speech, 300) + 0.05 * np.sin(np.arange(speech.size) * 0.05)
     path = tmp_path / "stereo.wav"
@@ -185,20 +179,20 @@ def _conformer_assert_same_mel(ours: torch.Tensor, ref: torch.Tensor, what: str)
 @pytest.mark.parametrize("case", ["question", "asr_44k", "stereo", "clip_0.2s", "long_30s"])
 def test_conformer_mel_matches_official(case, _conformer_preprocessor, tmp_path):
     if case == "question":
-        wave, sr = conformer.load_audio(_CONFORMER_ASSETS / "question.wav")
-        ref_wave, _ = _conformer_read("question.wav")
+        wave, sr = conformer.load_audio(ASSETS / "question.wav")
+        (ref_wave,), _ = load_wav(ASSETS / "question.wav")
     elif case == "asr_44k":
-        wave, sr = conformer.load_audio(_CONFORMER_ASSETS / "asr.wav")
-        ref_wave, _ = _conformer_read("asr.wav")
+        wave, sr = conformer.load_audio(ASSETS / "asr.wav")
+        (ref_wave,), _ = load_wav(ASSETS / "asr.wav")
     elif case == "stereo":
         path, ref_wave, _ = _conformer_write_stereo(tmp_path)
         wave, sr = conformer.load_audio(path)
     elif case == "clip_0.2s":
-        ref_wave, sr = _conformer_read("question.wav")
+        (ref_wave,), sr = load_wav(ASSETS / "question.wav")
         ref_wave = ref_wave[16000: 16000 + 3200]
         wave = ref_wave
     else:  # 30 s at 44.1 kHz: asr.wav repeated
-        ref_wave, sr = _conformer_read("asr.wav")
+        (ref_wave,), sr = load_wav(ASSETS / "asr.wav")
         ref_wave = ref_wave.repeat(2)[: 30 * sr]
         wave = ref_wave
     assert torch.equal(wave, ref_wave), "load_audio must give soundfile's float samples (channel mean)"
@@ -232,8 +226,8 @@ def _conformer_check(ref_out, our_out, what):
 
 def test_conformer_encoder_matches_official_batch(_conformer_models, _conformer_preprocessor):
     ref, ref_adapter, ours, adapter = _conformer_models
-    question, sr_q = _conformer_read("question.wav")
-    asr, sr_a = _conformer_read("asr.wav")
+    (question,), sr_q = load_wav(ASSETS / "question.wav")
+    (asr,), sr_a = load_wav(ASSETS / "asr.wav")
     mels = [conformer.audio_features(question, sr_q), conformer.audio_features(asr[: int(2.3 * sr_a)], sr_a)]
     assert mels[0].shape[1] != mels[1].shape[1]
     out = _conformer_encode(ours, adapter, mels)
@@ -248,7 +242,7 @@ def test_conformer_encoder_matches_official_batch(_conformer_models, _conformer_
 
 def test_conformer_encoder_matches_official_single(_conformer_models, _conformer_preprocessor):
     ref, ref_adapter, ours, adapter = _conformer_models
-    wave, sr = _conformer_read("question.wav")
+    (wave,), sr = load_wav(ASSETS / "question.wav")
     mel = _conformer_official_mel(_conformer_preprocessor, wave, sr)
     _conformer_check(_conformer_official_encode(ref, ref_adapter, [mel]),
                      _conformer_encode(ours, adapter, [mel]), "single clip")
@@ -258,8 +252,8 @@ def test_conformer_encoder_matches_official_bf16(_conformer_models):
     # The official model runs in bf16 (LFM2AudioModel.from_pretrained's default dtype): both encoders and
     # adapters cast to bf16, on the same bf16 mels (batch of 2). Tolerance: none, measured bit-identical.
     ref, ref_adapter, ours, adapter = (copy.deepcopy(m).to(torch.bfloat16) for m in _conformer_models)
-    question, sr_q = _conformer_read("question.wav")
-    asr, sr_a = _conformer_read("asr.wav")
+    (question,), sr_q = load_wav(ASSETS / "question.wav")
+    (asr,), sr_a = load_wav(ASSETS / "asr.wav")
     mels = [conformer.audio_features(question, sr_q).bfloat16(),
             conformer.audio_features(asr[: int(2.3 * sr_a)], sr_a).bfloat16()]
     (r_h, r_len, r_emb), (h, h_len, emb) = (_conformer_official_encode(ref, ref_adapter, mels),

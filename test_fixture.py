@@ -8,8 +8,8 @@ import torch
 from safetensors import safe_open
 
 from conftest import (
-    END_OF_AUDIO, FULL_CONFIG, IM_END, TEXT_END, MIMI_FILE, TINY_CONFIG, load_official, official, official_generate,
-    stream_events,
+    END_OF_AUDIO, FULL_CONFIG, MIMI_FILE, PROMPTS, TEXT_END, TINY_CONFIG, load_official, official, official_generate,
+    official_prompt, stream_events,
 )
 
 
@@ -86,8 +86,8 @@ def _fixture_assert_sequential(items):
 
 
 def _fixture_assert_varied(items):
-    text = [int(t) for t in items if t.numel() == 1]
-    frames = torch.stack([t for t in items if t.numel() == 8 and not bool((t == END_OF_AUDIO).all())])
+    text = [v for k, v in items if k == "text"]
+    frames = torch.tensor([v for k, v in items if k == "audio" and v != [END_OF_AUDIO] * 8])
     assert len(set(text)) >= 3, text
     assert all(len(set(frames[:, k].tolist())) >= 3 for k in range(8)), frames
     assert len({tuple(f) for f in frames.tolist()}) >= frames.shape[0] // 3, frames
@@ -96,11 +96,11 @@ def _fixture_assert_varied(items):
 def _fixture_assert_interleaved(items, config):
     """n_text text tokens (fewer if <|text_end|>), then audio frames; a text_end or end-of-audio switch."""
     ev = stream_events(items)
-    first_frame = next(i for i, t in enumerate(items) if t.numel() == 8)
+    first_frame = next(i for i, (k, _) in enumerate(items) if k == "audio")
     n_text = config["interleaved_n_text"]
-    assert first_frame == n_text or 0 < first_frame < n_text and int(items[first_frame - 1]) == TEXT_END, ev
+    assert first_frame == n_text or 0 < first_frame < n_text and items[first_frame - 1] == ("text", TEXT_END), ev
     assert "end_of_audio" in ev or "text_end" in ev, ev
-    assert any(t.numel() == 1 for t in items[first_frame:]), f"never back to text: {ev}"
+    assert any(k == "text" for k, _ in items[first_frame:]), f"never back to text: {ev}"
     return ev
 
 
@@ -118,7 +118,7 @@ def _fixture_greedy_margins(model, processor, task, max_new_tokens):
     for emb in model.depth_embeddings:
         emb.get_logits = lambda x, f=emb.get_logits: record(f(x))
     try:
-        items = official_generate(model, processor, task, max_new_tokens)
+        items = official_generate(model, official_prompt(processor, task), PROMPTS[task][3], max_new_tokens)
     finally:
         del model._sample_text_token
         for emb in model.depth_embeddings:

@@ -14,7 +14,10 @@ from safetensors.torch import load_file, save_file
 
 import conformer
 import lfm2audio
-from conftest import ASSETS, FULL_CONFIG, PROMPTS, cached_checkpoint, load_official, official, official_prompt
+from conftest import (
+    ASSETS, FULL_CONFIG, PROMPTS, build_prompt, cached_checkpoint, load_official, official, official_append,
+    official_generate, official_prompt,
+)
 
 LFM2AUDIO_RTOL = 1e-4  # hidden states / logits: max abs diff <= 1e-4 * max abs of the reference
 LFM2AUDIO_N_TINY = 100  # backbone steps per tiny generation
@@ -28,20 +31,8 @@ def _lfm2audio_close(got: torch.Tensor, ref: torch.Tensor, what: str, rtol: floa
 
 
 def _lfm2audio_prompt(model, task: str) -> lfm2audio.Chat:
-    """Our chat state for a conftest PROMPTS task, built like conftest.official_prompt builds the official one."""
-    system, audio, text, _ = PROMPTS[task]
-    chat = lfm2audio.Chat(model.tokenizer)
-    chat.new_turn("system")
-    chat.add_text(system)
-    chat.end_turn()
-    chat.new_turn("user")
-    if audio is not None:
-        chat.add_audio(*conformer.load_audio(ASSETS / audio))
-    if text is not None:
-        chat.add_text(text)
-    chat.end_turn()
-    chat.new_turn("assistant")
-    return chat
+    """Our chat state for a conftest PROMPTS task, built from the same turns as conftest.official_prompt."""
+    return build_prompt(lfm2audio.Chat(model.tokenizer), task, conformer.load_audio)
 
 
 def _lfm2audio_assert_same_prompt(chat: lfm2audio.Chat, ochat) -> None:
@@ -56,28 +47,11 @@ def _lfm2audio_assert_same_prompt(chat: lfm2audio.Chat, ochat) -> None:
         assert mel.dtype == ochat.audio_in.dtype and torch.equal(mel, ochat.audio_in.cpu()), "mel features differ"
 
 
-def _lfm2audio_official_items(model, ochat, mode: str, max_new_tokens: int) -> list:
-    gen = model.generate_interleaved if mode == "interleaved" else model.generate_sequential
-    with torch.no_grad():
-        return [("text", int(t)) if t.numel() == 1 else ("audio", t.tolist())
-                for t in gen(**ochat, max_new_tokens=max_new_tokens)]
+_lfm2audio_official_items = official_generate  # test_perf.py imports this name; to go once it imports conftest's
 
 
 def _lfm2audio_items(stream) -> list:
     return [(k, v if k == "text" else v.tolist()) for k, v in stream]
-
-
-def _lfm2audio_official_append(ochat, items) -> None:
-    """What the official demo does with a finished turn: ChatState.append of the yielded tensors."""
-    official()
-    from liquid_audio.utils import LFMModality
-
-    text = [v for k, v in items if k == "text"]
-    audio = [v for k, v in items if k == "audio"]
-    ochat.append(text=torch.tensor([text], dtype=torch.long).reshape(1, -1),
-                 audio_out=torch.tensor(audio, dtype=torch.long).reshape(-1, 8).T,
-                 modality_flag=torch.tensor([LFMModality.TEXT if k == "text" else LFMModality.AUDIO_OUT
-                                             for k, _ in items]))
 
 
 def _lfm2audio_check_stream(items: list, n_min: int = 60, both: bool = True) -> None:
@@ -165,7 +139,7 @@ def test_lfm2audio_greedy_generation(lfm2audio_pair, task, mode):
     _lfm2audio_assert_same_prompt(chat, ochat)
     with torch.no_grad():
         _lfm2audio_close(ours.embed_prompt(chat), off._prefill(**ochat), "prompt embedding")
-    ref = _lfm2audio_official_items(off, ochat, mode, LFM2AUDIO_N_TINY)
+    ref = official_generate(off, ochat, mode, LFM2AUDIO_N_TINY)
     got = _lfm2audio_items(ours.generate(chat, mode, LFM2AUDIO_N_TINY))
     assert got == ref
     if len(ref) < LFM2AUDIO_N_TINY:  # stopped: sequential yields the <|im_end|>, interleaved does not
@@ -201,10 +175,10 @@ def test_lfm2audio_second_turn(lfm2audio_pair):
     turn's output (text ids and audio frames, end-of-audio included): prompts, embeddings, generations equal."""
     ours, off, proc = lfm2audio_pair
     ochat, chat = official_prompt(proc, "chat"), _lfm2audio_prompt(ours, "chat")
-    first = _lfm2audio_official_items(off, ochat, "interleaved", LFM2AUDIO_N_TINY)
+    first = official_generate(off, ochat, "interleaved", LFM2AUDIO_N_TINY)
     got = list(ours.generate(chat, "interleaved", LFM2AUDIO_N_TINY))
     assert _lfm2audio_items(got) == first
-    _lfm2audio_official_append(ochat, first)
+    official_append(ochat, first)
     chat.append(got)
     wave, rate = conformer.load_audio(ASSETS / "asr.wav")  # a second, longer clip: padded encoder batch
     for c in (ochat, chat):
@@ -218,7 +192,7 @@ def test_lfm2audio_second_turn(lfm2audio_pair):
     assert chat.modality.count(lfm2audio.AUDIO_OUT) == sum(k == "audio" for k, _ in first) > 0
     with torch.no_grad():
         _lfm2audio_close(ours.embed_prompt(chat), off._prefill(**ochat), "second-turn prompt embedding")
-    ref = _lfm2audio_official_items(off, ochat, "interleaved", LFM2AUDIO_N_TINY)
+    ref = official_generate(off, ochat, "interleaved", LFM2AUDIO_N_TINY)
     assert _lfm2audio_items(ours.generate(chat, "interleaved", LFM2AUDIO_N_TINY)) == ref
     _lfm2audio_check_stream(first)
     _lfm2audio_check_stream(ref, both=False)
@@ -230,9 +204,7 @@ def test_lfm2audio_seeded_sampling(lfm2audio_pair):
     params = dict(text_temperature=0.8, text_top_k=20, audio_temperature=0.9, audio_top_k=8)
     ochat, chat = official_prompt(proc, "chat"), _lfm2audio_prompt(ours, "chat")
     torch.manual_seed(1234)
-    with torch.no_grad():
-        ref = [("text", int(t)) if t.numel() == 1 else ("audio", t.tolist())
-               for t in off.generate_interleaved(**ochat, max_new_tokens=60, **params)]
+    ref = official_generate(off, ochat, "interleaved", 60, **params)
     torch.manual_seed(1234)
     got = _lfm2audio_items(ours.generate(chat, "interleaved", 60, **params))
     assert got == ref
@@ -311,6 +283,7 @@ def test_lfm2audio_load_errors(tiny_ckpt, tmp_path):
         lfm2audio.LFM2Audio.from_pretrained(tmp_path / "no-such-folder")
 
 
+@pytest.mark.full_size
 def test_lfm2audio_full_size_chat():
     """Full-size config (the real shapes): speech-to-speech chat on question.wav, greedy, item for item equal
     to the official model. Runs under the big-memory lock; one model in memory at a time (< 20 GB)."""
@@ -320,7 +293,7 @@ def test_lfm2audio_full_size_chat():
         off, proc = load_official(ckpt)
         ochat = official_prompt(proc, "chat")
         t0 = time.perf_counter()
-        ref = _lfm2audio_official_items(off, ochat, "interleaved", 64)
+        ref = official_generate(off, ochat, "interleaved", 64)
         t_off = time.perf_counter() - t0
         official_modality = ochat.modality_flag[0].tolist()
         del off, ochat

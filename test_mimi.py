@@ -1,80 +1,27 @@
 """Mimi decoder parity with the official `liquid_audio.moshi` codec on random weights at the real config.
 
-The official model comes from `moshi.models.loaders.get_mimi(None)`, its decoder path randomised, and is
-written to a safetensors file stored like the real one (fp32, whole codec, attention as `in_proj_weight` /
-`out_proj.weight`, which the official `LFM2AudioProcessor.mimi` reads with `load_state_dict(strict=True)`).
+The official model comes from `moshi.models.loaders.get_mimi(None)` with every tensor randomised, and is
+written to a safetensors file stored like the real one (conftest.write_mimi: fp32, whole codec, attention as
+`in_proj_weight` / `out_proj.weight`, which the official `LFM2AudioProcessor.mimi` reads with
+`load_state_dict(strict=True)`).
 """
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
-from conftest import official
+from conftest import MIMI_FILE, mimi_file_tensors, write_mimi
 from mimi import CARDINALITY, FRAME_SIZE, N_CODEBOOKS, Mimi
 
 _MIMI_LONG = 300  # frames: > 125 frames (250 transformer steps), so the attention window slides and the ring wraps
 _MIMI_OFFICIAL_STREAM = 125  # frames where the official streaming decode equals its whole-sequence decode
 
 
-def _mimi_randomise(model: torch.nn.Module, seed: int = 0) -> None:
-    """Random decoder-path weights with scales that keep every stage O(1), so the audio is non-trivial."""
-    g = torch.Generator().manual_seed(seed)
-
-    def randn(shape, scale=1.0):
-        return torch.randn(shape, generator=g) * scale
-
-    with torch.no_grad():
-        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-            if name.endswith("cluster_usage"):
-                t.copy_(0.5 + 1.5 * torch.rand(t.shape, generator=g))
-            elif name.endswith("embedding_sum"):
-                t.copy_(randn(t.shape))
-            elif name.endswith("_initialized"):
-                t.fill_(1.0)
-            elif "layer_scale" in name:
-                t.copy_(0.1 + 0.4 * torch.rand(t.shape, generator=g))
-            elif "norm" in name and name.endswith("weight"):
-                t.copy_(1.0 + randn(t.shape, 0.1))
-            elif name.endswith("bias"):
-                t.copy_(randn(t.shape, 0.1))
-            elif "convtr" in name:  # [C_in, C_out/groups, K]: each output sums C_in/groups * K/S taps (K = 2S)
-                fan_in = 2 * (t.shape[0] if t.shape[1] > 1 else 1)
-                t.copy_(randn(t.shape, fan_in ** -0.5))
-            else:
-                t.copy_(randn(t.shape, t[0].numel() ** -0.5))
-        # ~5% dead codes: usage below the 1e-5 clamp, centroid sums scaled to match, so the clamp matters
-        for name, usage in model.named_buffers():
-            if name.endswith("cluster_usage"):
-                dead = torch.rand(usage.shape, generator=g) < 0.05
-                usage[dead] = 1e-7
-                model.get_buffer(name.replace("cluster_usage", "embedding_sum"))[dead] *= 1e-5
-        model.decoder.model[14].conv.conv.weight.mul_(0.25)  # audio-like level (std ~0.3)
-
-
-def _mimi_file_tensors(model: torch.nn.Module, fused_names: bool = True) -> dict:
-    """The whole official state dict, as the real file stores it."""
-    state = {}
-    for k, v in model.state_dict().items():
-        if fused_names:
-            k = k.replace("self_attn.in_projs.0.weight", "self_attn.in_proj_weight")
-            k = k.replace("self_attn.out_projs.0.weight", "self_attn.out_proj.weight")
-        state[k] = v.detach().float().contiguous().clone()
-    return state
-
-
 @pytest.fixture(scope="module")
 def _mimi_setup(tmp_path_factory):
-    official()
-    from liquid_audio.moshi.models import loaders
-
-    torch.manual_seed(0)
-    ref = loaders.get_mimi(None, device="cpu")
-    _mimi_randomise(ref)
-    ref.eval()
-    tensors = _mimi_file_tensors(ref)
-    path = tmp_path_factory.mktemp("mimi") / "tokenizer-e351c8d8-checkpoint125.safetensors"
-    save_file(tensors, str(path))
-    ref.load_state_dict(tensors, strict=True)  # as the official processor reads the file: the layout is right
+    path = tmp_path_factory.mktemp("mimi") / MIMI_FILE
+    ref = write_mimi(path, seed=0)  # read back strictly, as the official processor reads it: the layout is right
+    tensors = load_file(str(path))
     codes = torch.randint(0, CARDINALITY, (1, N_CODEBOOKS, _MIMI_LONG), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref_long = ref.decode(codes)
@@ -142,9 +89,9 @@ def test_mimi_stream_matches_official_streaming(_mimi_setup, _mimi_frame_by_fram
 def test_mimi_load_attention_namings(_mimi_setup, tmp_path):
     s = _mimi_setup
     path = tmp_path / "mimi_in_projs.safetensors"
-    save_file(_mimi_file_tensors(s["ref"], fused_names=False), str(path))
+    save_file(mimi_file_tensors(s["ref"], kyutai_names=False), str(path))
     other = Mimi.from_file(path)
-    assert any("in_projs.0.weight" in k for k in _mimi_file_tensors(s["ref"], fused_names=False))
+    assert any("in_projs.0.weight" in k for k in mimi_file_tensors(s["ref"], kyutai_names=False))
     mine = s["mimi"].state_dict()
     assert other.state_dict().keys() == mine.keys()
     for k, v in other.state_dict().items():

@@ -22,14 +22,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import run
-from conftest import ASSETS, MIMI_FILE, PROMPTS, load_official, official_prompt
+from conftest import (
+    ASSETS, END_OF_AUDIO, IM_END, MIMI_FILE, PROMPTS, TEXT_END, load_official, official_append, official_generate,
+    official_prompt,
+)
 from mimi import Mimi
 from tokenizer import Tokenizer
 
 RUN_PY = Path(__file__).resolve().parent / "run.py"
 RUN_MAX_NEW = 40  # backbone steps per answer: enough for text, audio, end of audio and text again
 RUN_WAV_ATOL = 1e-4  # streamed wav vs the official whole-sequence Mimi decode: max abs diff
-RUN_IM_END = 7
 
 
 def _run_cli(args, cwd: Path, stdin: str | None = None, **env) -> subprocess.CompletedProcess:
@@ -62,41 +64,19 @@ def run_official(tiny_ckpt):
     return load_official(tiny_ckpt)
 
 
-def _run_official_generate(model, chat, mode: str) -> list:
-    """Greedy official items as run.py writes them: ["text", id] / ["audio", [8 codes]], no final <|im_end|>."""
-    gen = model.generate_interleaved if mode == "interleaved" else model.generate_sequential
-    with torch.no_grad():
-        out = [t.clone() for t in gen(**chat, max_new_tokens=RUN_MAX_NEW)]
-    if out and out[-1].numel() == 1 and int(out[-1]) == RUN_IM_END:  # sequential mode yields it last
-        out.pop()
-    return [["text", int(t)] if t.numel() == 1 else ["audio", t.flatten().tolist()] for t in out]
-
-
-def _run_official_append(chat, items: list) -> None:
-    """The official multi-turn history update (README): ChatState.append of the turn's text and audio."""
-    from liquid_audio import LFMModality
-
-    text = [v for k, v in items if k == "text"]
-    audio = [v for k, v in items if k == "audio"]
-    chat.append(text=torch.tensor(text, dtype=torch.long).view(1, -1),
-                audio_out=torch.tensor(audio, dtype=torch.long).view(-1, 8).T,
-                modality_flag=torch.tensor([LFMModality.TEXT if k == "text" else LFMModality.AUDIO_OUT
-                                            for k, _ in items]))
-    chat.end_turn()
-
-
 def _run_check_answer(codes_json: Path, wav: Path | None, ochat, processor, model, mode: str) -> tuple[list, str]:
     """codes JSON == official prompt ids and items; wav == official Mimi decode (wav None: ASR, no audio
     decoded). Returns the items and the answer's text as run.py should print it."""
     got = json.loads(codes_json.read_text())
     assert got["prompt_ids"] == ochat.text[0].tolist(), "prompt ids differ from the official ChatState's"
-    want = _run_official_generate(model, ochat, mode)
-    assert got["items"] == want, "generated items differ from the official generation (greedy: must be equal)"
+    want = official_generate(model, ochat, mode, RUN_MAX_NEW, drop_im_end=True)  # run.py writes no final <|im_end|>
+    assert [tuple(item) for item in got["items"]] == want, \
+        "generated items differ from the official generation (greedy: must be equal)"
     text = processor.text.decode([v for k, v in want if k == "text"], skip_special_tokens=True)
     assert text.strip(), "the answer should have text to compare"
     if wav is None:
         return want, text + "\n"
-    frames = [v for k, v in want if k == "audio" and 2048 not in v]
+    frames = [v for k, v in want if k == "audio" and END_OF_AUDIO not in v]
     assert frames, "the answer should have audio to compare"
 
     with torch.no_grad():
@@ -135,7 +115,8 @@ def test_run_two_turn_chat(tiny_ckpt, run_official, tmp_path):
     ochat = official_prompt(processor, "chat")
     first, text1 = _run_check_answer(tmp_path / "codes_1.json", tmp_path / "answer_1.wav", ochat, processor, model,
                                      "interleaved")
-    _run_official_append(ochat, first)  # history: the model's own text ids and audio frames
+    official_append(ochat, first)  # history: the model's own text ids and audio frames
+    ochat.end_turn()
     ochat.new_turn("user")
     ochat.add_text(question)
     ochat.end_turn()
@@ -208,7 +189,7 @@ def test_run_text_printer_multibyte(tiny_ckpt):
             return super().write(s)
 
     printer = run.TextPrinter(tok, Out())
-    for i in [130, *ids, 7]:  # control tokens are not printed
+    for i in [TEXT_END, *ids, IM_END]:  # control tokens are not printed
         printer.add(i)
     printer.close()
     assert "".join(writes) == text + "\n"
