@@ -2,11 +2,15 @@
 JSON line (so that results can be collected by a script).
 
     python bench.py tokenizer [--tokenizer path/to/tokenizer.json] [--megabytes 1] [--repeat 3]
+    python bench.py decode [--model DIR] [--device cpu] [--dtype float32] [--steps 48] [--compile]
 """
 
 import argparse
 import ast
+import fcntl
+import gc
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -115,6 +119,300 @@ def bench_tokenizer(args) -> dict:
     return result
 
 
+# ---- decode: our LFM2-Audio vs the official package ----
+
+FRAME_S = 0.08  # seconds of audio per frame (1920 samples at 24 kHz)
+
+
+def _median_time(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _matvec_bandwidth(device, repeat: int = 5) -> float:
+    """Bytes/s of fp32 matrix-vector products over 1 GiB of weights (8 matrices 8192 x 4096, each read once
+    per pass: far beyond the caches), median pass. The most a decode step that reads its weights can get."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    mats = [torch.randn(8192, 4096, generator=g).to(device) for _ in range(8)]
+    x = torch.randn(1, 4096, generator=g).to(device)
+
+    def sweep():
+        for m in mats:
+            torch.nn.functional.linear(x, m)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    sweep()
+    seconds = _median_time(sweep, repeat)
+    return sum(m.numel() * m.element_size() for m in mats) / seconds
+
+
+def _weight_bytes(model) -> dict:
+    """Bytes of weights one decode step reads (embedding lookups, a few rows, left out): the backbone, plus
+    the text logits (a text step) or depth_linear + 8 depthformer passes + the 8 codebook heads (a frame)."""
+    def size(module):
+        return sum(p.numel() * p.element_size() for p in module.parameters())
+    backbone = size(model.lfm.layers) + size(model.lfm.embedding_norm)
+    frame = size(model.depth_linear) + model.cfg.codebooks * size(model.depthformer) + sum(
+        size(e.to_logits) + size(e.embedding_norm) for e in model.depth_embeddings)
+    text = model.embed_tokens_weight.numel() * model.embed_tokens_weight.element_size()
+    return {"audio_step": backbone + frame, "text_step": backbone + text}
+
+
+def _rss_reset():
+    """Reset the process's peak RSS (VmHWM), so that the next reading is the peak of what follows."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _rss_peak_gb() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+class _Ours:
+    """Our model behind the bench's interface: load, prompts, prefill, a timed generation with Mimi."""
+
+    name = "ours"
+
+    def __init__(self, folder, device, dtype, context, compile=False):
+        from lfm2audio import MIMI_FILE, LFM2Audio
+        from mimi import Mimi
+
+        self.model = LFM2Audio.from_pretrained(folder, device=device, dtype=dtype, max_seq_len=context,
+                                               compile=compile)
+        self.mimi = Mimi.from_file(Path(folder) / MIMI_FILE, device=device)
+        if compile:
+            self.name = "ours-compiled"
+
+    def prompt(self, task):
+        import conformer
+        from conftest import ASSETS, PROMPTS
+        from lfm2audio import Chat
+
+        system, audio, text, _ = PROMPTS[task]
+        chat = Chat(self.model.tokenizer)
+        chat.new_turn("system"); chat.add_text(system); chat.end_turn()
+        chat.new_turn("user")
+        if audio is not None:
+            chat.add_audio(*conformer.load_audio(ASSETS / audio))
+        if text is not None:
+            chat.add_text(text)
+        chat.end_turn(); chat.new_turn("assistant")
+        return chat
+
+    def prefill(self, chat):
+        return self.model.prefill(self.model.embed_prompt(chat))
+
+    def generate(self, chat, mode, steps):
+        for kind, value in self.model.generate(chat, mode, steps):
+            yield (int(value),) if kind == "text" else tuple(value.tolist()), value
+
+    def stream(self):
+        stream = self.mimi.new_stream(1)
+        return lambda frame: self.mimi.decode_step(frame.view(1, -1, 1), stream)
+
+
+class _Official:
+    name = "official"
+
+    def __init__(self, folder, device, dtype, context):
+        from conftest import official
+        official()
+        from liquid_audio import LFM2AudioModel, LFM2AudioProcessor
+
+        self.model = LFM2AudioModel.from_pretrained(Path(folder), dtype=dtype, device=str(device)).eval()
+        self.processor = LFM2AudioProcessor.from_pretrained(Path(folder), device=str(device)).eval()
+        self.mimi = self.processor.mimi  # loaded lazily; load time counts
+
+    def prompt(self, task):
+        from conftest import official_prompt
+        return official_prompt(self.processor, task)
+
+    def prefill(self, chat):
+        x = self.model._prefill(**chat)
+        return self.model.lfm(inputs_embeds=x, use_cache=True).last_hidden_state[0, -1]
+
+    def generate(self, chat, mode, steps):
+        gen = self.model.generate_interleaved if mode == "interleaved" else self.model.generate_sequential
+        for t in gen(**chat, max_new_tokens=steps):
+            yield tuple(t.tolist()), t
+
+    def stream(self):
+        # the demo's `with mimi.streaming(1)` block, held open for one generation
+        if getattr(self, "_streaming", None) is not None:
+            self._streaming.__exit__(None, None, None)
+        self._streaming = self.mimi.streaming(1)
+        self._streaming.__enter__()
+        return lambda frame: self.mimi.decode(frame[None, :, None])
+
+
+def _timed_generation(impl, chat, mode, steps) -> dict:
+    """Generate with streaming Mimi decode of every audio frame (as run.py and the official demo do), timing
+    each item: LM seconds (the generator's step) and Mimi seconds."""
+    decode = impl.stream()
+    items, lm, mimi, first_audio = [], [], [], None
+    t0 = t = time.perf_counter()
+    for key, value in impl.generate(chat, mode, steps):
+        lm.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        if len(key) > 1 and 2048 not in key:  # end-of-audio frames are not decoded
+            decode(value)
+            if first_audio is None:
+                first_audio = time.perf_counter() - t0
+        mimi.append(time.perf_counter() - t)
+        items.append(key)
+        t = time.perf_counter()
+    total = time.perf_counter() - t0
+    return {"items": items, "lm": lm, "mimi": mimi, "first_audio": first_audio, "total": total}
+
+
+def _steady(run: dict, audio_only: bool) -> dict:
+    """Steady state of a generation, the first item (prefill) left out: per-frame LM and Mimi seconds
+    (medians over audio items), per-text-token LM seconds, and RTF = (LM + Mimi time) / audio seconds over
+    the audio items (`audio_only`, TTS) or over all items (chat: its text is part of the stream)."""
+    rest = list(zip(run["items"], run["lm"], run["mimi"]))[1:]
+    audio = [(lm, mi) for key, lm, mi in rest if len(key) > 1]
+    text = [lm for key, lm, _ in rest if len(key) == 1]
+    out = {"n_audio": len(audio), "n_text": len(text)}
+    if audio:
+        out["frame_lm_s"] = statistics.median(lm for lm, _ in audio)
+        out["frame_mimi_s"] = statistics.median(mi for _, mi in audio)
+        out["fps"] = 1 / (out["frame_lm_s"] + out["frame_mimi_s"])
+        spent = sum(lm + mi for lm, mi in audio) if audio_only else sum(lm + mi for _, lm, mi in rest)
+        out["rtf"] = spent / (len(audio) * FRAME_S)
+    if text:
+        out["text_lm_s"] = statistics.median(text)
+    return out
+
+
+def _bench_impl(make, args) -> dict:
+    import torch
+
+    gc.collect()
+    _rss_reset()
+    t = time.perf_counter()
+    impl = make()
+    res = {"load_s": time.perf_counter() - t}
+    with torch.no_grad():
+        chat = impl.prompt("chat")
+        impl.prefill(chat)  # warm-up
+        res["prefill_s"] = _median_time(lambda: impl.prefill(chat), 3)
+        if impl.name == "ours-compiled":  # compile (and warm) the decode path outside the timed runs
+            t = time.perf_counter()
+            _timed_generation(impl, impl.prompt("tts"), "sequential", args.steps)
+            _timed_generation(impl, chat, "interleaved", args.steps)
+            res["compile_s"] = time.perf_counter() - t
+        chat_run = _timed_generation(impl, impl.prompt("chat"), "interleaved", args.steps)
+        tts_run = _timed_generation(impl, impl.prompt("tts"), "sequential", args.steps)
+    res["ttfa_s"] = chat_run["first_audio"]
+    res["chat"] = _steady(chat_run, audio_only=False)
+    res["tts"] = _steady(tts_run, audio_only=True)
+    res["items"] = {"chat": chat_run["items"], "tts": tts_run["items"]}
+    res["peak_rss_gb"] = _rss_peak_gb()
+    if isinstance(impl, _Ours):
+        res["weight_bytes"] = _weight_bytes(impl.model)
+    res["name"] = impl.name
+    del impl
+    gc.collect()
+    return res
+
+
+def bench_decode(args) -> dict:
+    """Greedy decode, ours vs the official package on the same checkpoint and prompts, one process, one model
+    in memory at a time: load, prefill, time to first audio, steady-state frames/s and RTF (TTS and chat),
+    peak RSS, and the weight-bandwidth floor."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / ".ci" / "reference"))
+    from conftest import FULL_CONFIG, cached_checkpoint
+
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    folder = Path(args.model) if args.model else cached_checkpoint(FULL_CONFIG, 0)
+    makers = []
+    if not args.no_official:
+        makers.append(lambda: _Official(folder, device, dtype, args.context))
+    makers.append(lambda: _Ours(folder, device, dtype, args.context))
+    if args.compile:
+        makers.append(lambda: _Ours(folder, device, dtype, args.context, compile=True))
+    with open("/tmp/lfm2audio-bigmem.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # full-size models: one big-memory job on the machine at a time
+        bandwidth = [_matvec_bandwidth(device)]
+        results = {}
+        for _ in range(args.rounds):
+            for make in makers:
+                r = _bench_impl(make, args)
+                results.setdefault(r.pop("name"), []).append(r)
+        bandwidth.append(_matvec_bandwidth(device))
+    bw = statistics.median(bandwidth)
+    runs = results
+    ref_items = runs[next(iter(runs))][0]["items"]
+    same = all(r["items"] == ref_items for rs in runs.values() for r in rs)
+
+    def med(name, *path):
+        vals = []
+        for r in runs[name]:
+            v = r
+            for p in path:
+                v = v.get(p) if isinstance(v, dict) else None
+            if v is not None:
+                vals.append(v)
+        return statistics.median(vals) if vals else None
+
+    wb = runs["ours"][0]["weight_bytes"]
+    floor = {"audio_step_s": wb["audio_step"] / bw, "text_step_s": wb["text_step"] / bw}
+    metrics = [("load_s", ("load_s",)), ("prefill_s", ("prefill_s",)), ("ttfa_s", ("ttfa_s",)),
+               ("tts_frame_lm_s", ("tts", "frame_lm_s")), ("tts_frame_mimi_s", ("tts", "frame_mimi_s")),
+               ("tts_fps", ("tts", "fps")), ("tts_rtf", ("tts", "rtf")),
+               ("chat_frame_lm_s", ("chat", "frame_lm_s")), ("chat_text_lm_s", ("chat", "text_lm_s")),
+               ("chat_fps", ("chat", "fps")), ("chat_rtf", ("chat", "rtf")), ("peak_rss_gb", ("peak_rss_gb",)),
+               ("compile_s", ("compile_s",))]
+    table = {name: {m: med(name, *path) for m, path in metrics} for name in runs}
+    print(f"decode bench: {folder.name}, {args.device} {args.dtype}, {args.steps} greedy steps per run, "
+          f"{torch.get_num_threads()} threads, rounds {args.rounds}, same greedy items in all runs: {same}")
+    print(f"matvec bandwidth {bw / 1e9:.1f} GB/s; weights read per audio step {wb['audio_step'] / 1e9:.2f} GB "
+          f"(floor {floor['audio_step_s'] * 1e3:.0f} ms), per text step {wb['text_step'] / 1e9:.2f} GB "
+          f"(floor {floor['text_step_s'] * 1e3:.0f} ms)")
+    names = list(runs)
+    print(f"{'metric':<18}" + "".join(f"{n:>15}" for n in names))
+    for m, _ in metrics:
+        if any(table[n][m] is not None for n in names):
+            print(f"{m:<18}" + "".join(f"{table[n][m]:>15.3f}" if table[n][m] is not None else f"{'-':>15}"
+                                       for n in names))
+    n_items = {n: {k: (runs[n][0][k]["n_audio"], runs[n][0][k]["n_text"]) for k in ("tts", "chat")} for n in names}
+    print(f"items per run (audio, text) after the first: {n_items[names[0]]}")
+
+    def ratio(a, b):  # b/a for times: > 1 means `ours` is faster
+        return None if a is None or b is None else round(b / a, 3)
+    result = {"bench": "decode", "device": args.device, "dtype": args.dtype, "steps": args.steps,
+              "threads": torch.get_num_threads(), "same_items": same, "bandwidth_gb_s": round(bw / 1e9, 2),
+              "floor_audio_step_s": round(floor["audio_step_s"], 4), "floor_text_step_s": round(floor["text_step_s"], 4),
+              **{f"{n}_{m}": None if v is None else round(v, 4) for n in names for m, v in table[n].items()}}
+    if "official" in runs:
+        for m in ("load_s", "prefill_s", "ttfa_s", "tts_frame_lm_s", "chat_frame_lm_s", "chat_text_lm_s"):
+            for n in names[1:]:
+                result[f"speedup_{n}_{m}"] = ratio(table[n][m], table["official"][m])
+        for n in names[1:]:
+            result[f"speedup_{n}_tts_rtf"] = ratio(table[n]["tts_rtf"], table["official"]["tts_rtf"])
+            result[f"speedup_{n}_chat_rtf"] = ratio(table[n]["chat_rtf"], table["official"]["chat_rtf"])
+    for n in names:
+        for kind in ("tts", "chat"):
+            if table[n][f"{kind}_frame_lm_s"] is not None:
+                result[f"{n}_{kind}_frame_vs_floor"] = round(table[n][f"{kind}_frame_lm_s"] / floor["audio_step_s"], 3)
+        if table[n]["chat_text_lm_s"] is not None:
+            result[f"{n}_text_step_vs_floor"] = round(table[n]["chat_text_lm_s"] / floor["text_step_s"], 3)
+    print(json.dumps(result))
+    return result
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="bench", required=True)
@@ -124,6 +422,16 @@ def main(argv=None):
     p.add_argument("--megabytes", type=float, default=1.0)
     p.add_argument("--repeat", type=int, default=3)
     p.set_defaults(fn=bench_tokenizer)
+    p = sub.add_parser("decode", help=bench_decode.__doc__)
+    p.add_argument("--model", help="checkpoint folder (default: the full-size random-weight test fixture)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--steps", type=int, default=48, help="greedy backbone steps per generation")
+    p.add_argument("--context", type=int, default=4096, help="our static cache length (run.py's default)")
+    p.add_argument("--compile", action="store_true", help="also run ours with the compiled decode path")
+    p.add_argument("--no-official", action="store_true", help="ours only")
+    p.add_argument("--rounds", type=int, default=1, help="alternate the implementations this many times")
+    p.set_defaults(fn=bench_decode)
     args = parser.parse_args(argv)
     args.fn(args)
 

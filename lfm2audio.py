@@ -3,7 +3,9 @@
 Reads the official Hugging Face checkpoint folder as it is (module names equal the keys of `model.safetensors`)
 and reproduces the official `liquid-audio` 1.3.0 generation token for token. Decoding is gpt-fast style: static,
 preallocated caches (KV for attention layers, the last two conv inputs for conv layers, an 8-step cache for the
-depthformer), so that `decode_one` and `sample_audio_frame` have fixed shapes and can be compiled.
+depthformer), so that `decode_one` (a backbone step), `text_step` and `audio_step` (a token / a whole frame,
+sampled on the device) have fixed shapes; `model.compile()` (or `from_pretrained(..., compile=True)`) compiles
+them, as CUDA graphs on a GPU. Eager is the default and gives the same items.
 
     model = LFM2Audio.from_pretrained("LiquidAI/LFM2-Audio-1.5B")
     chat = Chat(model.tokenizer)
@@ -157,13 +159,19 @@ class KVCache(nn.Module):
 def attend(q, k, v, kv_cache: KVCache, input_pos, mask) -> torch.Tensor:
     """q [1, H, T, hd], k/v [1, KV, T, hd] -> [1, T, H*hd], k/v written to the cache at input_pos. `mask`
     None: the T tokens are a prefill from position 0 and attend causally among themselves (as the official
-    code does); else one decode step over the whole static cache, positions past `input_pos` masked out."""
+    code does); else one decode step (T == 1) over the whole static cache, positions where `mask` [S] is
+    False left out."""
     k_all, v_all = kv_cache.update(input_pos, k, v)
     if mask is None:
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    else:
-        y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=True)
-    return y.transpose(1, 2).flatten(2)
+        return y.transpose(1, 2).flatten(2)
+    # written out rather than SDPA: CPU SDPA with a mask is ~10x slower than these two small matmuls at a
+    # 4096-position cache; the query heads of one KV head are grouped, so K/V are read once, not repeated
+    _, n_kv, s, hd = k_all.shape
+    qg = q.view(1, n_kv, -1, hd)  # [1, KV, H/KV, hd]: head h uses KV head h // (H/KV)
+    scores = (qg @ k_all.transpose(-1, -2)) * hd ** -0.5  # [1, KV, H/KV, S]
+    scores = scores.masked_fill(~mask, -float("inf"))
+    return (scores.softmax(-1) @ v_all).view(1, 1, -1)
 
 
 # ---- LFM2 backbone (keys lfm.*) ----
@@ -184,14 +192,18 @@ class ShortConv(nn.Module):
         self.in_proj = nn.Linear(dim, 3 * dim, bias=False)
         self.conv = nn.Conv1d(dim, dim, kernel, groups=dim, bias=False)
         self.out_proj = nn.Linear(dim, dim, bias=False)
-        self.register_buffer("state", None, persistent=False)  # [1, dim, kernel-1], made by setup_caches
+        self.register_buffer("state", None, persistent=False)  # [1, kernel-1, dim], made by setup_caches
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [1, T, D]
-        b, c, xx = self.in_proj(x).transpose(1, 2).chunk(3, dim=1)  # each [1, D, T]
-        window = torch.cat([self.state, b * xx], dim=-1)  # [1, D, kernel-1+T]: the state is the left padding
-        self.state.copy_(window[:, :, -(self.kernel - 1):])
-        y = F.conv1d(window, self.conv.weight, groups=window.shape[1])  # [1, D, T]
-        return self.out_proj((c * y).transpose(1, 2))
+        t = x.shape[1]
+        b, c, xx = self.in_proj(x).chunk(3, dim=-1)  # each [1, T, D]
+        window = torch.cat([self.state, b * xx], dim=1)  # [1, kernel-1+T, D]: the state is the left padding
+        self.state.copy_(window[:, -(self.kernel - 1):])
+        # the depthwise conv as kernel shifted products, time-major: conv1d on a one-step window is a slow
+        # path on CPU (~20 ms per layer), and this needs no transposes
+        taps = self.conv.weight[:, 0]  # [D, kernel]
+        y = sum(window[:, j:j + t] * taps[:, j] for j in range(self.kernel))  # [1, T, D]
+        return self.out_proj(c * y)
 
 
 class Attention(nn.Module):
@@ -261,7 +273,7 @@ class LFM2(nn.Module):
         self.positions = torch.arange(max_seq_len, device=w.device)
         for layer in self.layers:
             if hasattr(layer, "conv"):
-                layer.conv.state = w.new_zeros(1, self.cfg.dim, self.cfg.conv_kernel - 1)
+                layer.conv.state = w.new_zeros(1, self.cfg.conv_kernel - 1, self.cfg.dim)
             else:
                 layer.self_attn.kv_cache = KVCache(self.cfg.n_kv_heads, max_seq_len, head_dim, w.dtype, w.device)
         self.max_seq_len = max_seq_len
@@ -270,7 +282,7 @@ class LFM2(nn.Module):
         """x [1, T, D] at positions input_pos [T] -> [1, T, D]. T > 1 is a prefill from position 0 (call
         `reset` first); T == 1 is a decode step over the cache."""
         cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
-        mask = None if x.shape[1] > 1 else (self.positions <= input_pos).view(1, 1, 1, -1)
+        mask = None if x.shape[1] > 1 else self.positions <= input_pos  # [S]
         for layer in self.layers:
             x = layer(x, cos, sin, input_pos, mask)
         return self.embedding_norm(x)
@@ -359,7 +371,7 @@ class Depthformer(nn.Module):
     def forward(self, x: torch.Tensor, k: int) -> torch.Tensor:
         """x [1, 1, dim] for codebook k -> [1, 1, dim]; positions past k are masked, so no reset is needed."""
         input_pos = self.positions[k:k + 1]
-        mask = (self.positions <= k).view(1, 1, 1, -1)
+        mask = self.positions <= k  # [8]
         cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
         for layer in self.layers:
             x = layer(x, cos, sin, input_pos, mask)
@@ -473,14 +485,16 @@ class LFM2Audio(nn.Module):
         self.depth_embeddings = nn.ModuleList(
             SharedEmbedding(cfg.depth_dim, AUDIO_VOCAB, cfg.depth_tie) for _ in range(cfg.codebooks))
         self.tokenizer: Tokenizer | None = None  # set by from_pretrained
+        self.compiled: str | None = None  # the torch.compile mode of the decode path, set by compile()
 
     # -- loading --
 
     @classmethod
     def from_pretrained(cls, repo_id_or_path: str | Path, device="cpu", dtype=torch.float32,
-                        max_seq_len: int = 4096) -> "LFM2Audio":
+                        max_seq_len: int = 4096, compile: bool = False) -> "LFM2Audio":
         """Load a checkpoint folder, or a Hugging Face repo id (downloads only the files needed; honours
-        HF_HUB_OFFLINE), cast to `dtype` on `device`, with caches for `max_seq_len` positions."""
+        HF_HUB_OFFLINE), cast to `dtype` on `device`, with caches for `max_seq_len` positions; `compile`:
+        see `compile()`."""
         folder = checkpoint_folder(repo_id_or_path)
         cfg = Config.from_file(folder / "config.json")
         weights = folder / "model.safetensors"
@@ -504,7 +518,8 @@ class LFM2Audio(nn.Module):
             raise FileNotFoundError(f"{tok}: text tokenizer not found")
         model.tokenizer = Tokenizer.from_file(tok)
         model.setup_caches(max_seq_len)
-        return model.eval()
+        model.eval()
+        return model.compile() if compile else model
 
     def load_checkpoint(self, state: dict[str, torch.Tensor], name: str = "checkpoint"):
         """Strict load of a checkpoint state dict. A tied weight may be stored once or twice. Missing,
@@ -595,6 +610,36 @@ class LFM2Audio(nn.Module):
             prev = head.embedding(code)[0]
         return torch.cat(codes)
 
+    # -- one generated item, on the device: sampled ids and the next input embedding, no host sync --
+
+    def text_step(self, h: torch.Tensor, temperature: float | None, top_k: int | None):
+        """Hidden state [D] -> (token [1], its embedding [1, 1, D])."""
+        token = sample(self.text_logits(h), temperature, top_k)
+        return token, self.lfm.embed_tokens(token)[None]
+
+    def audio_step(self, h: torch.Tensor, temperature: float | None, top_k: int | None):
+        """Hidden state [D] -> (frame [8], its embedding [1, 1, D]). A frame whose codebook 0 is the end of
+        audio becomes all end-of-audio codes (as the official loop does), here without a host round trip."""
+        frame = self.sample_audio_frame(h, temperature, top_k)
+        frame = torch.where(frame[0] == END_OF_AUDIO, END_OF_AUDIO, frame)
+        return frame, self.embed_audio_out(frame[:, None])[None]
+
+    def compile(self, mode: str | None = None) -> "LFM2Audio":
+        """Compile the decode path with torch.compile: the backbone step over the static caches, and each
+        head (text token; a whole audio frame: 8 depthformer passes and their sampling). Prefill stays eager
+        (its length varies). `mode` defaults to "reduce-overhead" on CUDA (CUDA graphs) and the default
+        elsewhere. Sampling settings are constants of the graph: each setting compiles once.
+        Sets inductor's `fallback_random`, process-wide, so that seeded draws equal eager (and official) ones."""
+        import torch._inductor.config
+
+        torch._inductor.config.fallback_random = True
+        if mode is None:
+            mode = "reduce-overhead" if self.embed_tokens_weight.is_cuda else "default"
+        for name in ("decode_one", "text_step", "audio_step"):  # instance attributes shadow the methods
+            setattr(self, name, torch.compile(getattr(type(self), name).__get__(self), mode=mode, fullgraph=True))
+        self.compiled = mode
+        return self
+
     # -- generation --
 
     @torch.no_grad()
@@ -608,7 +653,10 @@ class LFM2Audio(nn.Module):
         interleaved (chat): 6 text tokens then 12 audio frames, repeating; <|im_end|> stops (not yielded);
         <|text_end|> ends text for good; an end-of-audio frame (yielded, all 2048) switches to text.
         sequential (ASR, TTS): text until <|audio_start|>, then audio until an end-of-audio frame; <|im_end|>
-        is yielded and stops."""
+        is yielded and stops.
+
+        Each item costs one host sync (reading the id or codebook 0 to choose what comes next); sampling,
+        embedding lookups and the next input stay on the device."""
         if mode not in ("interleaved", "sequential"):
             raise ValueError(f"mode must be 'interleaved' or 'sequential', got {mode!r}")
         if self.lfm.max_seq_len == 0:
@@ -620,17 +668,20 @@ class LFM2Audio(nn.Module):
         interleaved = mode == "interleaved"
         x = self.embed_prompt(chat)
         pos = torch.tensor([n - 1], device=x.device)
+        cuda_graphs = getattr(self, "compiled", None) == "reduce-overhead"
         in_text, left, text_done = True, self.cfg.interleaved_n_text, False
         for step in range(max_new_tokens):
             left -= 1
+            if cuda_graphs:  # a new step: outputs of the previous graph replays may be overwritten
+                torch.compiler.cudagraph_mark_step_begin()
             if step == 0:
                 h = self.prefill(x)
             else:
                 pos += 1
                 h = self.decode_one(x, pos)
             if in_text:
-                token = sample(self.text_logits(h), text_temperature, text_top_k)  # [1]
-                tid = int(token)
+                token, x = self.text_step(h, text_temperature, text_top_k)
+                tid = int(token)  # the one host sync of this step
                 if interleaved:
                     if tid == IM_END:
                         return
@@ -643,16 +694,14 @@ class LFM2Audio(nn.Module):
                     if tid == IM_END:
                         return
                     in_text = tid != AUDIO_START
-                x = self.lfm.embed_tokens(token)[None]  # [1, 1, D]
             else:
-                frame = self.sample_audio_frame(h, audio_temperature, audio_top_k)
+                frame, x = self.audio_step(h, audio_temperature, audio_top_k)
+                frame = frame.clone()  # the caller keeps it; a graph replay would overwrite it
                 if interleaved and not left and not text_done:
                     in_text, left = True, self.cfg.interleaved_n_text
-                if frame[0] == END_OF_AUDIO:
-                    frame[:] = END_OF_AUDIO
+                if frame[0] == END_OF_AUDIO:  # the one host sync of this step
                     in_text = True
-                yield "audio", frame.clone()
-                x = self.embed_audio_out(frame[:, None])[None]  # [1, 1, D]
+                yield "audio", frame
 
 
 def checkpoint_folder(repo_id_or_path: str | Path) -> Path:

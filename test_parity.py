@@ -1,0 +1,1669 @@
+"""Parity with the official liquid-audio 1.3.0 package, part by part, on the same random weights (float32, CPU).
+
+Fixtures (checkpoint folders in the real Hugging Face layout, the official package) live in conftest.py.
+Each comparison states its tolerance; greedy streams must be identical.
+"""
+
+import copy
+import fcntl
+import gc
+import io
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import unicodedata
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import conformer
+import lfm2audio
+import run
+from conftest import (
+    ASSETS,
+    END_OF_AUDIO,
+    FULL_CONFIG,
+    IM_END,
+    LFM2_SPLIT,
+    MIMI_FILE,
+    PROMPTS,
+    SPECIALS,
+    TEXT_END,
+    TINY_CONFIG,
+    build_prompt,
+    cached_checkpoint,
+    load_official,
+    load_wav,
+    mimi_file_tensors,
+    official,
+    official_append,
+    official_generate,
+    official_prompt,
+    stream_events,
+    write_mimi,
+    write_tokenizer,
+)
+from mimi import CARDINALITY, FRAME_SIZE, Mimi, N_CODEBOOKS
+from tokenizer import Tokenizer, _Splitter
+
+
+# ====================================================================================================
+# Text tokenizer (issue 3)
+#
+# Parity of tokenizer.py with Hugging Face `tokenizers` on LFM2-shaped tokenizer.json files.
+#
+# Exact equality everywhere (ids, decoded strings, splits): the tolerance is zero.
+# ====================================================================================================
+
+_TOKENIZER_EXTRA = "ĠZqxjwv"  # a vocab entry no merge builds: only ignore_merges=true yields it whole
+
+
+def _tokenizer_variant(src: Path, dst: Path, ignore_merges: bool) -> Path:
+    spec = json.loads((src / "tokenizer.json").read_text())
+    spec["model"]["ignore_merges"] = ignore_merges
+    spec["model"]["vocab"][_TOKENIZER_EXTRA] = len(spec["model"]["vocab"])
+    dst.mkdir(parents=True, exist_ok=True)
+    (dst / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
+    return dst / "tokenizer.json"
+
+
+@pytest.fixture(scope="module")
+def tokenizer_files(tokenizer_dir, tmp_path_factory) -> dict:
+    """{(merges format, ignore_merges): tokenizer.json}: "a b" strings and [a, b] pairs, both merge modes."""
+    pairs_dir = tmp_path_factory.mktemp("tokenizer_pairs")
+    write_tokenizer(pairs_dir, merges_as_pairs=True)
+    assert isinstance(json.loads((pairs_dir / "tokenizer.json").read_text())["model"]["merges"][0], list)
+    assert isinstance(json.loads((tokenizer_dir / "tokenizer.json").read_text())["model"]["merges"][0], str)
+    out = {}
+    for fmt, folder in (("strings", tokenizer_dir), ("pairs", pairs_dir)):
+        for ignore in (False, True):
+            out[fmt, ignore] = _tokenizer_variant(folder, tmp_path_factory.mktemp(f"tok_{fmt}_{ignore}"), ignore)
+    return out
+
+
+def _tokenizer_pair(path: Path):
+    from tokenizers import Tokenizer as HFTokenizer
+    return Tokenizer.from_file(path), HFTokenizer.from_file(str(path))
+
+
+_TOKENIZER_CURATED = [
+    "", " ", "Hello world", "Hello, world! How are you today?", "  leading and trailing  ", "a  b   c    d",
+    "The quick brown fox jumps over the lazy dog.", "e.g. i.e. U.S.A. Mr. Smith's 3rd-floor flat",
+    "def f(x):\n    return x ** 2  # square\n", "for (int i = 0; i < n; ++i) { a[i] += b[i]; }",
+    "if __name__ == '__main__':\n\tmain()\r\n", "x=[1,2,3];y={'a':1}", "<div class=\"x\">&amp;</div>",
+    "\n", "\n\n", "\n\n\n\n", "\r\n", "\r\n\r\n", "\r", "\t", "\t\t\tx", " \n ", "  \n\n  x", "a\n\n\nb",
+    "a \n b", "x  \t\n\r\n  y", "end.   ", "   ", "\u3000\u3000x", "a\u00a0b", "a\u2028b\u2029c", "a\x85b",
+    "\x1c\x1d\x1e\x1f", " \x1c x", "a\x1fb \x1f", "\x0b\x0c", "\u180e \u200b\u200c\u200d\u2060\ufeff",
+    "\x00\x01\x02\x7f\x80\x9f", "tab\there", "mixed \t \n \r \x0b \x0c end",
+    "café naïve résumé Ünïcödé", "e\u0301 a\u0308 n\u0303o", "\u0301\u0301 alone", "Zalgo z\u0336\u0337\u0338a",
+    "東京都 北京 こんにちは世界 한국어 텍스트", "中文,标点。符号!", "مرحبا بالعالم ١٢٣", "שלום עולם",
+    "नमस्ते दुनिया १२३", "สวัสดีชาวโลก", "Привет, мир! ΑΒΓ αβγ", "Ⅻ ⅻ ½ ¾ ² ³ ①②",
+    "👩‍👩‍👧 👍🏽 👨🏿‍💻 🏳️‍🌈 🇫🇷🇯🇵 1️⃣ #️⃣ ❤️", "😀😃😄 😁", "emoji😀inside", "🧑🏻‍🤝‍🧑🏿",
+    "𝐀𝐁𝐂 𝟏𝟐𝟑 𠀀𠀁 \U000105c0\U000105c1 \U00010d40\U00010d41 \U0001e4d0 \U00031350",
+    "\U0010fffd\U000e0001\U000f0000", "'\U000105c0 '\U0001d400", "\ufffd\ufffe\uffff",
+    "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n", "a<|im_end|>b", "<|im_start|>user\n",
+    "<|startoftext|><|startoftext|>", "x<|pad|>y<|reserved_5|>z", "<|im_end", "<|im_end|", "<<|im_end|>>",
+    "< |im_end|>", "<|IM_END|>", " <|text_end|> ", "<|audio_start|><|text_start|>hi<|text_end|>",
+    "Respond with interleaved text and audio.", "Perform ASR.", "Perform TTS. Use the UK female voice.",
+]
+
+
+def _tokenizer_numbers(rng: random.Random) -> list[str]:
+    out = []
+    for n in range(1, 31):
+        digits = "".join(rng.choice("0123456789") for _ in range(n))
+        out += [digits, f"x{digits}", f" {digits} ", f"{digits}.{digits[::-1]}", f"-{digits},{n}", f"v{n}.{digits}"]
+    return out + ["3.14159", "1,000,000", "1e-10", "0x1F", "١٢٣٤٥", "१२३४", "٣.١٤", "12abc34", "a1b22c333d4444"]
+
+
+def _tokenizer_contractions() -> list[str]:
+    out = []
+    for c in ("s", "t", "re", "ve", "m", "ll", "d"):
+        variants = {""}
+        for ch in c:
+            variants = {v + x for v in variants for x in (ch, ch.upper())}
+        for v in sorted(variants):
+            out += [f"it'{v}", f"'{v}", f"they'{v} here", f"X'{v}'{v}", f"'{v}x", f" '{v}", f"1'{v}"]
+    return out + ["'ſ", "it'ſ", "'ſome", "IT'ſT", "'K", "'Kx", "'\u212a", "don't", "DON'T", "I'm", "I'M",
+                  "we'Ll", "you'rE", "'", "''", "'''s"]
+
+
+_TOKENIZER_FRAGMENTS = ["the", " of", "and", "Hello", " ", "  ", "\n", "\n\n", "\t", "\r\n", "'s", "'LL", "'Re",
+                        ".", ",", "!?", "...", "(", ")", "{", "}", "==", "->", "_", "#", "$", "%", "123", "4",
+                        "56789", "é", "e\u0301", "東", "字", "ب", "😀", "👍🏽", "\u200d", "\u3000", "\x1c", "\xa0",
+                        "<|im_end|>", "<|im_start|>", "<|pad|>", "<|", "|>"]
+
+
+def _tokenizer_stdlib_lines(n: int = 800) -> list[str]:
+    """English prose and code: lines of a few standard library modules (with their indentation)."""
+    import argparse
+    import textwrap
+    lines = []
+    for module in (argparse, textwrap, random):
+        lines += [l for l in Path(module.__file__).read_text(encoding="utf-8").splitlines(keepends=True) if l.strip()]
+    return lines[:n]
+
+
+def _tokenizer_random_char(rng: random.Random) -> str:
+    plane = rng.choice([0, 0, 0, 0, 1, 1, 2, 3, 14, 15, 16])
+    while True:
+        cp = plane * 0x10000 + rng.randrange(0x10000)
+        if not 0xD800 <= cp < 0xE000 and cp <= 0x10FFFF:
+            return chr(cp)
+
+
+def _tokenizer_corpus(seed: int = 0, n_random: int = 9000) -> list[str]:
+    """Deterministic test strings: curated cases, numbers, contractions, and random mixtures of fragments
+    and code points from all planes (surrogates excluded: they are tested apart)."""
+    rng = random.Random(seed)
+    corpus = _TOKENIZER_CURATED + _tokenizer_numbers(rng) + _tokenizer_contractions() + _tokenizer_stdlib_lines()
+    corpus += [chr(c) + chr(c) + " x" for c in range(0x20)] + [f"a{chr(c)}b" for c in range(0x80, 0x100)]
+    for _ in range(n_random):
+        parts = []
+        for _ in range(rng.randint(1, 8)):
+            kind = rng.random()
+            if kind < 0.35:
+                parts.append(rng.choice(_TOKENIZER_FRAGMENTS))
+            elif kind < 0.65:
+                parts.append("".join(_tokenizer_random_char(rng) for _ in range(rng.randint(1, 4))))
+            elif kind < 0.8:
+                parts.append(rng.choice(" \t\n\r\x0b\x0c\x85\xa0\u2028\u3000\x1c\x1f") * rng.randint(1, 5))
+            else:
+                parts.append("".join(rng.choice("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ'0123456789")
+                                     for _ in range(rng.randint(1, 10))))
+        corpus.append("".join(parts))
+    return corpus
+
+
+@pytest.mark.parametrize("fmt", ["strings", "pairs"])
+@pytest.mark.parametrize("ignore_merges", [False, True])
+def test_tokenizer_encode_decode_parity(tokenizer_files, fmt, ignore_merges):
+    """Identical ids on every corpus string (tolerance: none); decode equals `tokenizers`' decode."""
+    ours, hf = _tokenizer_pair(tokenizer_files[fmt, ignore_merges])
+    corpus = _tokenizer_corpus()
+    assert len(corpus) >= 10_000
+    expected = [e.ids for e in hf.encode_batch(corpus, add_special_tokens=False)]
+    mismatches = [(s, ours.encode(s), e) for s, e in zip(corpus, expected) if ours.encode(s) != e]
+    assert not mismatches, f"{len(mismatches)} strings differ, first: {mismatches[:3]}"
+    round_trips = 0
+    for s, ids in zip(corpus, expected):
+        theirs = hf.decode(ids, skip_special_tokens=False)
+        assert ours.decode(ids) == theirs, repr(s)
+        round_trips += theirs == s
+        if theirs == s:
+            assert ours.decode(ours.encode(s)) == s, repr(s)
+    assert round_trips == len(corpus), f"only {round_trips}/{len(corpus)} round-trip in `tokenizers`"
+    # the extra vocab entry shows that the mode matters: whole under ignore_merges, else merged from parts
+    extra = hf.encode(" Zqxjwv", add_special_tokens=False).ids
+    assert ours.encode(" Zqxjwv") == extra and (len(extra) == 1) == ignore_merges
+
+
+@pytest.mark.parametrize("pre_tokenizer", [
+    {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},  # GPT-2
+    {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+    {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"String": " "}, "behavior": "Removed", "invert": False},
+        {"type": "Split", "pattern": {"Regex": r"\p{N}|[.,]+"}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": False}]},
+])
+def test_tokenizer_other_pre_tokenizers(tokenizer_dir, tmp_path, pre_tokenizer):
+    """ByteLevel's own regex and prefix space, Removed splits and string patterns also match `tokenizers`."""
+    path = _tokenizer_edited(tokenizer_dir, tmp_path, lambda s: s.update(pre_tokenizer=pre_tokenizer))
+    ours, hf = _tokenizer_pair(path)
+    corpus = _tokenizer_corpus(seed=2, n_random=2000)
+    expected = [e.ids for e in hf.encode_batch(corpus, add_special_tokens=False)]
+    assert [ours.encode(s) for s in corpus] == expected
+
+
+def test_tokenizer_decode_arbitrary_ids(tokenizer_files):
+    """Random id lists (broken UTF-8, special tokens, out-of-vocabulary ids) decode like `tokenizers`."""
+    ours, hf = _tokenizer_pair(tokenizer_files["strings", False])
+    rng = random.Random(1)
+    n = hf.get_vocab_size()
+    for _ in range(3000):
+        ids = [rng.randrange(n) for _ in range(rng.randint(0, 12))]
+        assert ours.decode(ids) == hf.decode(ids, skip_special_tokens=False), ids
+        noisy = ids + [n, n + 7, 10**9]  # unknown ids: `tokenizers` skips them
+        rng.shuffle(noisy)
+        assert ours.decode(noisy) == hf.decode(noisy, skip_special_tokens=False), noisy
+        assert ours.decode([-1, *ids, -5]) == ours.decode(ids)  # negative ids: skipped, no crash
+    byte_ids = [ours.token_to_id(c) for c in "ÃĢ¤ġ"]  # lone UTF-8 lead/continuation bytes -> U+FFFD
+    assert ours.decode(byte_ids) == hf.decode(byte_ids, skip_special_tokens=False) and "\ufffd" in ours.decode(byte_ids)
+
+
+def test_tokenizer_lookup_and_vocab_size(tokenizer_files):
+    ours, hf = _tokenizer_pair(tokenizer_files["pairs", False])
+    assert ours.vocab_size == hf.get_vocab_size()
+    for token in SPECIALS + ["Ġthe", "e", "Ġ", "not-a-token", "<|im_end", ""]:
+        assert ours.token_to_id(token) == hf.token_to_id(token), token
+    assert ours.token_to_id("<|im_end|>") == 7 and ours.token_to_id("<|text_end|>") == 130
+
+
+def test_tokenizer_split_all_of_unicode():
+    """The Split regex (\\p{L}, \\p{N}, \\s, (?i:'s)) splits text holding every code point like Oniguruma."""
+    from tokenizers import Regex, pre_tokenizers
+    theirs = pre_tokenizers.Split(Regex(LFM2_SPLIT), behavior="isolated")
+    ours = _Splitter(LFM2_SPLIT, "Isolated")
+    # every code point of the planes where characters are assigned (0-3, 14); a sample of the others
+    # (unassigned and private use); surrogates cannot be in a str that `tokenizers` accepts
+    cps = [c for c in range(0x110000) if not 0xD800 <= c < 0xE000 and (c >> 16 in (0, 1, 2, 3, 14) or c % 61 == 0)]
+    assert len(cps) > 330_000
+    for start in range(0, len(cps), 100_000):
+        text = "".join(f"{chr(c)}1'{chr(c)}a{chr(c)} " for c in cps[start:start + 100_000])  # "1'" -> (?i:'s)
+        assert ours(text) == [p for p, _ in theirs.pre_tokenize_str(text)], f"chunk at {start}"
+
+
+def test_tokenizer_added_token_flags(tokenizer_dir, tmp_path):
+    """lstrip / rstrip / normalized added tokens, and a non-special one, match like `tokenizers`."""
+    spec = json.loads((tokenizer_dir / "tokenizer.json").read_text())
+    for t in spec["added_tokens"]:
+        if t["content"] == "<|im_start|>":
+            t["lstrip"] = True
+        if t["content"] == "<|im_end|>":
+            t["rstrip"] = True
+        if t["content"] == "<|pad|>":
+            t["normalized"], t["special"] = True, False
+    spec["added_tokens"].append({"id": 4000, "content": "hello world", "single_word": False, "lstrip": False,
+                                 "rstrip": False, "normalized": False, "special": False})
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(spec))
+    ours, hf = _tokenizer_pair(path)
+    for s in ["a  <|im_start|>b", "\n\t<|im_start|>", "x<|im_end|>  \n y", "<|im_end|>\u3000<|im_start|>",
+              "  <|im_end|>   <|im_start|>  ", "<|pad|> a<|pad|>", "say hello world!", "hello worldhello world",
+              "<|im_end|><|pad|>  <|im_start|>hello world <|im_end|>"]:
+        ids = hf.encode(s, add_special_tokens=False).ids
+        assert ours.encode(s) == ids, s
+        assert ours.decode(ids) == hf.decode(ids, skip_special_tokens=False), s
+
+
+def test_tokenizer_lone_surrogate(tokenizer_dir):
+    """`tokenizers` refuses a str with a lone surrogate (TypeError); we refuse it with a clear ValueError."""
+    ours, hf = _tokenizer_pair(tokenizer_dir / "tokenizer.json")
+    for s in ["\ud800", "ab\udfffc", "x\ud83d"]:
+        with pytest.raises(TypeError):
+            hf.encode(s, add_special_tokens=False)
+        with pytest.raises(ValueError, match="lone surrogate U\\+D[89ABCDEF]"):
+            ours.encode(s)
+    assert ours.encode("\ud83d\ude00".encode("utf-16", "surrogatepass").decode("utf-16")) == ours.encode("😀")
+
+
+def _tokenizer_edited(src: Path, tmp_path: Path, edit) -> Path:
+    spec = json.loads((src / "tokenizer.json").read_text())
+    edit(spec)
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s["model"].update(type="WordPiece"),
+     r"not a byte-level BPE tokenizer.json \(model.type is 'WordPiece'\)"),
+    (lambda s: s.pop("model"), r"not a tokenizer.json \(no 'model' object\)"),
+    (lambda s: s.update(pre_tokenizer={"type": "Whitespace"}), r"pre-tokenizer does not end with ByteLevel"),
+    (lambda s: s["pre_tokenizer"]["pretokenizers"].insert(0, {"type": "Digits", "individual_digits": True}),
+     r"unsupported pre-tokenizer type 'Digits'"),
+    (lambda s: s["pre_tokenizer"]["pretokenizers"][0]["pattern"].update(Regex=r"\p{Han}+|\s+"),
+     r"unsupported regex property"),
+    (lambda s: s["pre_tokenizer"]["pretokenizers"][0]["pattern"].update(Regex=r"\d+|\s+"),
+     r"unsupported regex escape '\\\\d'"),
+    (lambda s: s["pre_tokenizer"]["pretokenizers"][0].update(behavior="MergedWithNext"),
+     r"unsupported Split behavior 'MergedWithNext'"),
+    (lambda s: s.update(normalizer={"type": "NFC"}), r"unsupported normalizer 'NFC'"),
+    (lambda s: s.update(decoder={"type": "WordPiece"}), r"decoder is 'WordPiece'"),
+    (lambda s: s["added_tokens"][0].update(single_word=True), r"'<\|pad\|>': single_word=true is not supported"),
+    (lambda s: s["model"]["merges"].append("Ġ nonexistent"), r"not in the vocabulary"),
+    (lambda s: s["model"]["merges"].append("a b c"), r"malformed merge 'a b c'"),
+    (lambda s: s["model"].update(byte_fallback=True), r"byte_fallback"),
+])
+def test_tokenizer_bad_file_errors(tokenizer_dir, tmp_path, edit, message):
+    path = _tokenizer_edited(tokenizer_dir, tmp_path, edit)
+    with pytest.raises(ValueError, match=message) as e:
+        Tokenizer.from_file(path)
+    assert str(e.value).startswith(f"{path}: ") and "\n" not in str(e.value)
+
+
+def test_tokenizer_missing_and_broken_files(tokenizer_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere/tokenizer.json: tokenizer file not found"):
+        Tokenizer.from_file(tmp_path / "nowhere" / "tokenizer.json")
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"model": ')
+    with pytest.raises(ValueError, match="broken.json: not a valid JSON file"):
+        Tokenizer.from_file(broken)
+    assert Tokenizer.from_file(tokenizer_dir).encode("hi there") == \
+        Tokenizer.from_file(tokenizer_dir / "tokenizer.json").encode("hi there")  # a folder works too
+    with pytest.raises(TypeError, match="expects a str"):
+        Tokenizer.from_file(tokenizer_dir).encode(b"bytes")
+
+
+def test_tokenizer_unicode_tables_cover_new_characters():
+    """Our \\p{L}/\\p{N} add the Unicode 15-16 letters/numbers that this Python's unicodedata lacks."""
+    ours = _Splitter(r"\p{L}+|\p{N}+|[^\p{L}\p{N}]+", "Isolated")
+    for ch, kind in [("\U000105c0", "L"), ("\U00031350", "L"), ("\U00010d40", "N"), ("\U0001e5f1", "N")]:
+        assert ours(f"a{ch}") == ([f"a{ch}"] if kind == "L" else ["a", ch])
+        assert ours(f"1{ch}") == ([f"1{ch}"] if kind == "N" else ["1", ch])
+    assert unicodedata.category("\x1c") == "Cc" and "\x1c".isspace()  # Python's \s takes it; White_Space not
+    assert _Splitter(r"\s+", "Removed")("a\x1cb c\u3000d") == ["a\x1cb", "c", "d"]
+
+
+# ====================================================================================================
+# Audio in: resampler, mel, encoder (issue 4)
+#
+# Audio in (conformer.py) against the official liquid-audio code: resampler, mel front end, encoder, adapter.
+#
+# The official encoder and ours are built once per module at the real encoder config with the same random
+# weights (every parameter and BatchNorm buffer randomised).
+# ====================================================================================================
+
+_CONFORMER_CFG = FULL_CONFIG  # the real config.json
+
+
+# the recordings are mono: `(wave,), sr = load_wav(path)` takes the one channel of [1, T] (and checks it is one)
+_CONFORMER_LFM_DIM = _CONFORMER_CFG["lfm"]["hidden_size"]
+
+
+def _conformer_randomise(module: torch.nn.Module, seed: int) -> None:
+    """Overwrite every parameter and buffer with non-trivial random values (fan-in scaled, so 17 layers stay finite)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in module.state_dict().items():  # these tensors share storage with the module's
+            if not t.is_floating_point():
+                t.fill_(7)  # BatchNorm num_batches_tracked
+            elif name.endswith("running_var"):
+                t.uniform_(0.5, 2.0, generator=g)
+            elif t.dim() >= 2:
+                t.normal_(0.0, t[0].numel() ** -0.5, generator=g)
+            elif name.endswith("weight"):  # LayerNorm / BatchNorm scales
+                t.normal_(1.0, 0.2, generator=g)
+            else:  # biases, running means
+                t.normal_(0.0, 0.2, generator=g)
+
+
+@pytest.fixture(scope="module")
+def _conformer_models():
+    """(official encoder, official adapter, our encoder, our adapter), same random weights, eval mode."""
+    official()
+    from liquid_audio.model.conformer.encoder import ConformerEncoder
+    from liquid_audio.model.mlp import MLP
+
+    ref = ConformerEncoder(**_CONFORMER_CFG["encoder"]).eval()
+    ref_adapter = MLP(ref._feat_out, _CONFORMER_LFM_DIM, [_CONFORMER_LFM_DIM]).eval()  # as LFM2AudioModel
+    _conformer_randomise(ref, 1)
+    _conformer_randomise(ref_adapter, 2)
+    ours = conformer.ConformerEncoder(conformer.EncoderConfig.from_dict(_CONFORMER_CFG["encoder"])).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    adapter = conformer.AudioAdapter(ref._feat_out, _CONFORMER_LFM_DIM).eval()
+    adapter.load_state_dict(ref_adapter.state_dict(), strict=True)
+    return ref, ref_adapter, ours, adapter
+
+
+@pytest.fixture(scope="module")
+def _conformer_preprocessor():
+    official()
+    from liquid_audio.model.conformer.processor import AudioToMelSpectrogramPreprocessor
+
+    return AudioToMelSpectrogramPreprocessor(**_CONFORMER_CFG["preprocessor"]).eval()
+
+
+def _conformer_official_mel(proc, wave: torch.Tensor, sr: int) -> torch.Tensor:
+    """The official ChatState.add_audio front end: resample to 16 kHz, full length, mel [128, T]."""
+    import torchaudio.functional
+
+    wave = torchaudio.functional.resample(wave[None], sr, 16000)
+    mel, _ = proc(wave, torch.tensor([wave.shape[1]]))
+    return mel[0]
+
+
+def _conformer_official_encode(ref, ref_adapter, mels: list[torch.Tensor]):
+    """The official LFM2AudioModel._prefill audio path: pad, encode, drop padding, adapt."""
+    lengths = torch.tensor([m.shape[1] for m in mels])
+    padded = torch.nn.utils.rnn.pad_sequence([m.T for m in mels], batch_first=True).mT
+    with torch.no_grad():
+        enc, enc_len = ref(padded, lengths)  # [B, D, T']
+        keep = torch.arange(enc.shape[-1])[None] < enc_len[:, None]
+        emb = ref_adapter(enc.mT[keep])
+    return enc.mT, enc_len, emb
+
+
+def _conformer_encode(ours, adapter, mels: list[torch.Tensor]):
+    batch, lengths = conformer.pad_mels(mels)
+    with torch.no_grad():
+        h, h_len = ours(batch, lengths)
+        keep = torch.arange(h.shape[1])[None] < h_len[:, None]
+        emb = adapter(h[keep])
+    return h, h_len, emb
+
+
+@pytest.mark.parametrize("orig_sr,new_sr", [(44100, 16000), (48000, 16000), (8000, 16000), (22050, 16000),
+                                            (16000, 24000)])
+def test_conformer_resample_matches_torchaudio(orig_sr, new_sr):
+    official()
+    import torchaudio.functional
+
+    g = torch.Generator().manual_seed(orig_sr)
+    wave = torch.randn(2, 3, orig_sr // 2 + 17, generator=g)  # batch dims and a length that is not a multiple
+    ref = torchaudio.functional.resample(wave, orig_sr, new_sr)
+    ours = conformer.resample(wave, orig_sr, new_sr)
+    assert ours.shape == ref.shape
+    # tolerance: none, the same float32 operations in the same order (measured bit-identical)
+    assert torch.equal(ours, ref), f"resample {orig_sr}->{new_sr}: max abs diff {(ours - ref).abs().max()}"
+
+
+@pytest.mark.parametrize("orig_sr", [44100, 22050, 11025])
+def test_conformer_resample_lengths_match_torchaudio(orig_sr):
+    # torchaudio rounds new * T / orig to float32 before the ceil, so some lengths come out one sample
+    # shorter than the exact ceil. Scan lengths where that can happen (new * T mod orig is 1..3, outputs
+    # above 2**16 samples) and random ones; lengths and values must equal torchaudio's exactly.
+    official()
+    import torchaudio.functional
+
+    g = torch.Generator().manual_seed(orig_sr)
+    wave = torch.randn(420_000, generator=g)
+    if orig_sr == 44100:
+        assert torchaudio.functional.resample(wave[:200_101], 44100, 16000).shape[-1] == 72599
+        assert conformer.resample(wave[:200_101], 44100, 16000).shape[-1] == 72599
+    gcd = math.gcd(orig_sr, 16000)
+    orig, new = orig_sr // gcd, 16000 // gcd
+    risky = [n for n in range(100_000, 420_000) if 0 < new * n % orig <= 3]
+    lengths = [risky[int(i)] for i in torch.randint(len(risky), (30,), generator=g)]
+    lengths += torch.randint(1, 420_000, (70,), generator=g).tolist()
+    shorter = 0
+    for n in lengths:
+        ref = torchaudio.functional.resample(wave[:n], orig_sr, 16000)
+        ours = conformer.resample(wave[:n], orig_sr, 16000)
+        assert ours.shape == ref.shape, f"{n} samples at {orig_sr} Hz: length {ours.shape[-1]} != {ref.shape[-1]}"
+        assert torch.equal(ours, ref), f"{n} samples at {orig_sr} Hz: max abs diff {(ours - ref).abs().max()}"
+        shorter += ref.shape[-1] < -(-new * n // orig)
+    assert shorter > 0, "the scan should include lengths where torchaudio's float32 rounding drops a sample"
+
+
+def test_conformer_resample_rejects_huge_kernel():
+    # 44101 Hz shares no factor with 16000: the filter bank would be [16000, 1, 44135] (~2.8 GB)
+    with pytest.raises(ValueError, match=r"44101 Hz -> 16000 Hz.*convert"):
+        conformer.resample(torch.zeros(1000), 44101, 16000)
+    with pytest.raises(ValueError, match=r"7999 Hz -> 16000 Hz"):
+        conformer.audio_features(torch.zeros(1000), 7999)
+    assert conformer.resample(torch.zeros(1000), 44000, 16000).shape == (364,)  # a common factor: fine
+
+
+def test_conformer_mel_filters_match_official(_conformer_preprocessor):
+    ref = _conformer_preprocessor.featurizer.fb[0]  # librosa.filters.mel, slaney
+    ours = conformer.mel_filters()
+    # tolerance: none, the weights are rounded as librosa rounds them
+    assert ours.dtype == ref.dtype
+    assert torch.equal(ours, ref), f"mel filterbank: max abs diff {(ours - ref).abs().max()}"
+
+
+def _conformer_write_stereo(tmp_path):
+    """A 22.05 kHz 16-bit stereo file whose channels differ -> (path, expected mono wave, sr)."""
+    (speech,), sr = load_wav(ASSETS / "question.wav")
+    speech = conformer.resample(speech[: 2 * sr], sr, 22050).numpy()
+    left, right = speech, 0.5 * np.roll(speech, 300) + 0.05 * np.sin(np.arange(speech.size) * 0.05)
+    path = tmp_path / "stereo.wav"
+    sf.write(str(path), np.stack([left, right], 1).clip(-1, 1), 22050, subtype="PCM_16")
+    data, _ = sf.read(str(path), dtype="float32")  # [T, 2], quantised
+    return path, torch.from_numpy(data.mean(1, dtype=np.float32)), 22050
+
+
+def _conformer_assert_same_mel(ours: torch.Tensor, ref: torch.Tensor, what: str) -> None:
+    # float32: max abs diff <= 1e-4 (measured 0: the same operations in the same order); after the
+    # official ChatState's bf16 rounding: exactly equal, so the encoder sees the very same input
+    diff = (ours - ref).abs().max().item()
+    assert diff <= 1e-4, f"mel {what}: max abs diff {diff} > 1e-4"
+    n = (ours.bfloat16() != ref.bfloat16()).sum().item()
+    assert n == 0, f"mel {what}: {n} of {ref.numel()} entries differ after bf16 rounding"
+
+
+@pytest.mark.parametrize("case", ["question", "asr_44k", "stereo", "clip_0.2s", "long_30s"])
+def test_conformer_mel_matches_official(case, _conformer_preprocessor, tmp_path):
+    if case == "question":
+        wave, sr = conformer.load_audio(ASSETS / "question.wav")
+        (ref_wave,), _ = load_wav(ASSETS / "question.wav")
+    elif case == "asr_44k":
+        wave, sr = conformer.load_audio(ASSETS / "asr.wav")
+        (ref_wave,), _ = load_wav(ASSETS / "asr.wav")
+    elif case == "stereo":
+        path, ref_wave, _ = _conformer_write_stereo(tmp_path)
+        wave, sr = conformer.load_audio(path)
+    elif case == "clip_0.2s":
+        (ref_wave,), sr = load_wav(ASSETS / "question.wav")
+        ref_wave = ref_wave[16000: 16000 + 3200]
+        wave = ref_wave
+    else:  # 30 s at 44.1 kHz: asr.wav repeated
+        (ref_wave,), sr = load_wav(ASSETS / "asr.wav")
+        ref_wave = ref_wave.repeat(2)[: 30 * sr]
+        wave = ref_wave
+    assert torch.equal(wave, ref_wave), "load_audio must give soundfile's float samples (channel mean)"
+    ref = _conformer_official_mel(_conformer_preprocessor, ref_wave, sr)
+    ours = conformer.audio_features(wave, sr)
+    assert ours.shape == ref.shape == (conformer.N_MELS, 1 + conformer.resample(wave, sr, 16000).numel() // 160)
+    _conformer_assert_same_mel(ours, ref, case)
+    assert ref.abs().max() > 1, "the mel should not be trivial"
+
+
+def test_conformer_state_dict_matches_official(_conformer_models):
+    ref, ref_adapter, ours, adapter = _conformer_models
+    ref_sd, our_sd = ref.state_dict(), ours.state_dict()
+    assert {k: v.shape for k, v in our_sd.items()} == {k: v.shape for k, v in ref_sd.items()}
+    assert any(k.endswith("running_var") for k in our_sd) and any(k.endswith("num_batches_tracked") for k in our_sd)
+    assert {k: v.shape for k, v in adapter.state_dict().items()} == \
+        {k: v.shape for k, v in ref_adapter.state_dict().items()}
+
+
+def _conformer_check(ref_out, our_out, what):
+    (r_h, r_len, r_emb), (h, h_len, emb) = ref_out, our_out
+    assert torch.equal(h_len, r_len.to(torch.long)), f"{what}: output lengths {h_len} != {r_len}"
+    assert h.shape == r_h.shape and emb.shape == r_emb.shape
+    for name, a, b in [("encoder", h, r_h), ("adapter", emb, r_emb)]:
+        scale = b.abs().max().item()
+        diff = (a - b).abs().max().item()
+        assert diff <= 1e-4 * scale, f"{what} {name}: max abs diff {diff} > 1e-4 * max|ref| ({scale})"
+
+
+def test_conformer_encoder_matches_official_batch(_conformer_models, _conformer_preprocessor):
+    ref, ref_adapter, ours, adapter = _conformer_models
+    (question,), sr_q = load_wav(ASSETS / "question.wav")
+    (asr,), sr_a = load_wav(ASSETS / "asr.wav")
+    mels = [conformer.audio_features(question, sr_q), conformer.audio_features(asr[: int(2.3 * sr_a)], sr_a)]
+    assert mels[0].shape[1] != mels[1].shape[1]
+    out = _conformer_encode(ours, adapter, mels)
+    _conformer_check(_conformer_official_encode(ref, ref_adapter, mels), out, "batch of 2")
+    assert out[1].tolist() == [conformer.emb_len(m.shape[1]) for m in mels]
+    # the shorter clip's output must not depend on the padding of the batch
+    alone = _conformer_encode(ours, adapter, mels[1:])
+    n = int(alone[1][0])
+    diff = (out[0][1, :n] - alone[0][0]).abs().max().item()
+    assert diff <= 1e-4 * alone[0].abs().max().item(), f"padded vs alone: max abs diff {diff}"
+
+
+def test_conformer_encoder_matches_official_single(_conformer_models, _conformer_preprocessor):
+    ref, ref_adapter, ours, adapter = _conformer_models
+    (wave,), sr = load_wav(ASSETS / "question.wav")
+    mel = _conformer_official_mel(_conformer_preprocessor, wave, sr)
+    _conformer_check(_conformer_official_encode(ref, ref_adapter, [mel]),
+                     _conformer_encode(ours, adapter, [mel]), "single clip")
+
+
+def test_conformer_encoder_matches_official_bf16(_conformer_models):
+    # The official model runs in bf16 (LFM2AudioModel.from_pretrained's default dtype): both encoders and
+    # adapters cast to bf16, on the same bf16 mels (batch of 2). Tolerance: none, measured bit-identical.
+    ref, ref_adapter, ours, adapter = (copy.deepcopy(m).to(torch.bfloat16) for m in _conformer_models)
+    (question,), sr_q = load_wav(ASSETS / "question.wav")
+    (asr,), sr_a = load_wav(ASSETS / "asr.wav")
+    mels = [conformer.audio_features(question, sr_q).bfloat16(),
+            conformer.audio_features(asr[: int(2.3 * sr_a)], sr_a).bfloat16()]
+    (r_h, r_len, r_emb), (h, h_len, emb) = (_conformer_official_encode(ref, ref_adapter, mels),
+                                            _conformer_encode(ours, adapter, mels))
+    assert h.dtype == r_h.dtype == emb.dtype == r_emb.dtype == torch.bfloat16
+    assert torch.equal(h_len, r_len.to(torch.long))
+    for name, a, b in [("encoder", h, r_h), ("adapter", emb, r_emb)]:
+        assert a.shape == b.shape and torch.isfinite(b).all() and b.abs().max() > 0.1
+        assert torch.equal(a, b), f"bf16 {name}: max abs diff {(a.float() - b.float()).abs().max()}"
+
+
+@pytest.mark.parametrize("n_samples", [1, 100, 319, 320, 1000, 1281])
+def test_conformer_short_audio_matches_official(n_samples, _conformer_models, _conformer_preprocessor):
+    # Documented behaviour: any clip of >= 1 sample is accepted, like the official code; fewer than 320
+    # samples give an all-zero mel (nothing to normalise over) and at least one embedding.
+    ref, ref_adapter, ours, adapter = _conformer_models
+    wave = torch.randn(n_samples, generator=torch.Generator().manual_seed(n_samples))
+    mel = conformer.log_mel(wave)
+    ref_mel = _conformer_official_mel(_conformer_preprocessor, wave, 16000)
+    assert mel.shape == ref_mel.shape == (128, 1 + n_samples // 160)
+    _conformer_assert_same_mel(mel, ref_mel, f"of {n_samples} samples")
+    if n_samples < 320:
+        assert not mel.any()
+    out = _conformer_encode(ours, adapter, [mel])
+    _conformer_check(_conformer_official_encode(ref, ref_adapter, [ref_mel]), out, f"{n_samples} samples")
+    assert out[1].item() == conformer.emb_len(mel.shape[1]) >= 1
+
+
+def test_conformer_emb_len_matches_official():
+    official()
+    from liquid_audio.utils import mel2emb_len
+
+    n = torch.arange(1, 100)
+    assert torch.equal(conformer.emb_len(n), mel2emb_len(n))
+    assert [conformer.emb_len(int(i)) for i in n] == [mel2emb_len(int(i)) for i in n]
+
+
+def test_conformer_load_audio_formats(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    signal = (0.5 * torch.randn(4000, 3, generator=g)).clamp(-1, 1).numpy()
+    for subtype in ["PCM_16", "PCM_24", "PCM_32", "FLOAT"]:
+        path = tmp_path / f"three_channels_{subtype}.wav"
+        sf.write(str(path), signal, 8000, subtype=subtype)
+        wave, sr = conformer.load_audio(path)
+        assert sr == 8000 and wave.dtype == torch.float32 and wave.shape == (4000,)
+        diff = (wave - torch.from_numpy(signal.mean(1))).abs().max().item()
+        assert diff <= 2**-15, f"{subtype}: the channel mean, scaled to [-1, 1), differs by {diff}"
+
+
+def test_conformer_bad_input(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.wav"):
+        conformer.load_audio(tmp_path / "missing.wav")
+    (tmp_path / "text.wav").write_text("not audio")
+    with pytest.raises(ValueError, match="text.wav"):
+        conformer.load_audio(tmp_path / "text.wav")
+    sf.write(str(tmp_path / "empty.wav"), np.zeros(0, np.float32), 16000)
+    with pytest.raises(ValueError, match="empty.wav.*no samples"):
+        conformer.load_audio(tmp_path / "empty.wav")
+    for bad in [np.nan, np.inf]:
+        x = np.zeros(1600, np.float32)
+        x[5] = bad
+        sf.write(str(tmp_path / "nonfinite.wav"), x, 16000, subtype="FLOAT")
+        with pytest.raises(ValueError, match="nonfinite.wav.*NaN or infinite"):
+            conformer.load_audio(tmp_path / "nonfinite.wav")
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            conformer.audio_features(torch.from_numpy(x), 16000)
+    with pytest.raises(ValueError, match="non-empty 1-D"):
+        conformer.log_mel(torch.zeros(0))
+    with pytest.raises(ValueError, match="non-empty 1-D"):
+        conformer.log_mel(torch.zeros(2, 1600))
+    with pytest.raises(ValueError, match="sample rates"):
+        conformer.resample(torch.zeros(100), 0, 16000)
+    with pytest.raises(ValueError, match="sample rates"):
+        conformer.resample(torch.zeros(100), 44100.5, 16000)
+    with pytest.raises(ValueError, match="float"):
+        conformer.resample(torch.zeros(100, dtype=torch.int16), 8000, 16000)
+    ours = conformer.ConformerEncoder(conformer.EncoderConfig(n_layers=1, d_model=64, n_heads=2,
+                                                              subsampling_conv_channels=8))
+    with pytest.raises(ValueError, match=r"mel must be \[B, 128"):
+        ours(torch.zeros(1, 80, 50), torch.tensor([50]))
+    with pytest.raises(ValueError, match="subsampling"):
+        conformer.EncoderConfig.from_dict({**_CONFORMER_CFG["encoder"], "subsampling": "striding"})
+    d_model = _CONFORMER_CFG["encoder"]["d_model"]
+    assert conformer.EncoderConfig.from_dict({**_CONFORMER_CFG["encoder"], "feat_out": d_model}).d_model == d_model
+    with pytest.raises(ValueError, match="feat_out=1024"):
+        conformer.EncoderConfig.from_dict({**_CONFORMER_CFG["encoder"], "feat_out": 1024})
+
+
+# ====================================================================================================
+# Mimi decoder (issue 6)
+#
+# Mimi decoder parity with the official `liquid_audio.moshi` codec on random weights at the real config.
+#
+# The official model comes from `moshi.models.loaders.get_mimi(None)` with every tensor randomised, and is
+# written to a safetensors file stored like the real one (conftest.write_mimi: fp32, whole codec, attention as
+# `in_proj_weight` / `out_proj.weight`, which the official `LFM2AudioProcessor.mimi` reads with
+# `load_state_dict(strict=True)`).
+# ====================================================================================================
+
+_MIMI_LONG = 300  # frames: > 125 frames (250 transformer steps), so the attention window slides and the ring wraps
+
+
+_MIMI_OFFICIAL_STREAM = 125  # frames where the official streaming decode equals its whole-sequence decode
+
+
+@pytest.fixture(scope="module")
+def _mimi_setup(tmp_path_factory):
+    path = tmp_path_factory.mktemp("mimi") / MIMI_FILE
+    ref = write_mimi(path, seed=0)  # read back strictly, as the official processor reads it: the layout is right
+    tensors = load_file(str(path))
+    codes = torch.randint(0, CARDINALITY, (1, N_CODEBOOKS, _MIMI_LONG), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref_long = ref.decode(codes)
+    return dict(ref=ref, path=path, tensors=tensors, mimi=Mimi.from_file(path), codes=codes, ref_long=ref_long)
+
+
+def test_mimi_decode_matches_official(_mimi_setup):
+    s = _mimi_setup
+    ref, mimi = s["ref"], s["mimi"]
+    g = torch.Generator().manual_seed(2)
+    for batch, frames in [(1, 1), (2, 7)]:
+        codes = torch.randint(0, CARDINALITY, (batch, N_CODEBOOKS, frames), generator=g)
+        with torch.no_grad():
+            want = ref.decode(codes)
+        got = mimi.decode(codes)
+        assert got.shape == (batch, 1, FRAME_SIZE * frames) == want.shape
+        assert want.std() > 0.05, "random weights give a trivial output"
+        err = (got - want).abs().max().item()
+        assert err <= 1e-4, f"{frames} frames: max abs diff {err:.2e} > 1e-4"
+    got = mimi.decode(s["codes"])
+    want = s["ref_long"]
+    assert got.shape == want.shape == (1, 1, FRAME_SIZE * _MIMI_LONG)
+    err = (got - want).abs().max().item()
+    assert err <= 1e-4, f"{_MIMI_LONG} frames: max abs diff {err:.2e} > 1e-4"
+
+
+@pytest.fixture(scope="module")
+def _mimi_frame_by_frame(_mimi_setup):
+    mimi, codes = _mimi_setup["mimi"], _mimi_setup["codes"]
+    stream = mimi.new_stream(batch_size=1)
+    return torch.cat([mimi.decode_step(codes[:, :, i:i + 1], stream) for i in range(codes.shape[-1])], dim=-1)
+
+
+def test_mimi_stream_equals_whole(_mimi_setup, _mimi_frame_by_frame):
+    s = _mimi_setup
+    mimi, codes = s["mimi"], s["codes"]
+    whole = mimi.decode(codes)
+    err = (_mimi_frame_by_frame - whole).abs().max().item()
+    assert err <= 1e-5, f"frame-by-frame stream vs whole decode: max abs diff {err:.2e} > 1e-5"
+    # chunks of 5 (and a chunk bigger than the stream's max_frames, split internally)
+    stream = mimi.new_stream(batch_size=1, max_frames=5)
+    bounds = list(range(0, 280, 5)) + [280, codes.shape[-1]]
+    chunked = torch.cat([mimi.decode_step(codes[:, :, a:b], stream) for a, b in zip(bounds, bounds[1:])], dim=-1)
+    err = (chunked - whole).abs().max().item()
+    assert err <= 1e-5, f"chunks of 5 vs whole decode: max abs diff {err:.2e} > 1e-5"
+    # and the stream is the official whole-sequence decode too
+    err = (_mimi_frame_by_frame - s["ref_long"]).abs().max().item()
+    assert err <= 1e-4, f"stream vs official decode: max abs diff {err:.2e} > 1e-4"
+
+
+def test_mimi_stream_matches_official_streaming(_mimi_setup, _mimi_frame_by_frame):
+    # The official streaming decode (`with mimi.streaming(1)`, as its chat demo runs it) keeps a ring of exactly
+    # 250 steps. Once it is full, the first step of each frame loses the oldest key of its window (sees 249
+    # steps, not 250), so from frame 125 on it departs from the official whole-sequence decode (~1e-2 here).
+    # Ours keeps the full window; the two agree up to that point.
+    s = _mimi_setup
+    ref, codes = s["ref"], s["codes"][:, :, :_MIMI_OFFICIAL_STREAM]
+    with torch.no_grad(), ref.streaming(1):
+        want = torch.cat([ref.decode(codes[:, :, i:i + 1]) for i in range(codes.shape[-1])], dim=-1)
+    got = _mimi_frame_by_frame[..., :want.shape[-1]]
+    err = (got - want).abs().max().item()
+    assert err <= 1e-4, f"stream vs official streaming decode: max abs diff {err:.2e} > 1e-4"
+
+
+def test_mimi_load_attention_namings(_mimi_setup, tmp_path):
+    s = _mimi_setup
+    path = tmp_path / "mimi_in_projs.safetensors"
+    save_file(mimi_file_tensors(s["ref"], kyutai_names=False), str(path))
+    other = Mimi.from_file(path)
+    assert any("in_projs.0.weight" in k for k in mimi_file_tensors(s["ref"], kyutai_names=False))
+    mine = s["mimi"].state_dict()
+    assert other.state_dict().keys() == mine.keys()
+    for k, v in other.state_dict().items():
+        assert torch.equal(v, mine[k]), f"{k} differs between the two namings"
+
+
+def _mimi_decoder_subset(tensors: dict) -> dict:
+    return {k: v for k, v in tensors.items()
+            if not k.startswith(("encoder", "downsample")) and "input_proj" not in k}
+
+
+def test_mimi_load_errors(_mimi_setup, tmp_path):
+    tensors = _mimi_decoder_subset(_mimi_setup["tensors"])
+    for key in ["decoder.model.14.conv.conv.bias", "quantizer.rvq_rest.vq.layers.6._codebook.embedding_sum"]:
+        path = tmp_path / "missing.safetensors"
+        save_file({k: v for k, v in tensors.items() if k != key}, str(path))
+        with pytest.raises(ValueError, match=f"missing .*{key}"):
+            Mimi.from_file(path)
+    key = "decoder_transformer.transformer.layers.3.self_attn.in_proj_weight"
+    path = tmp_path / "misshaped.safetensors"
+    save_file({**tensors, key: tensors[key][:-1].contiguous()}, str(path))
+    with pytest.raises(ValueError, match=f"{key} has shape \\(1535, 512\\)"):
+        Mimi.from_file(path)
+    with pytest.raises(FileNotFoundError, match="nowhere.safetensors"):
+        Mimi.from_file(tmp_path / "nowhere.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="junk.safetensors"):
+        Mimi.from_file(tmp_path / "junk.safetensors")
+
+
+def test_mimi_bad_input(_mimi_setup):
+    mimi = _mimi_setup["mimi"]
+    good = torch.zeros(1, N_CODEBOOKS, 2, dtype=torch.long)
+    for codes, msg in [
+        (good.float(), "integers"),
+        (good[0], "shape"),
+        (good[:, :7], "shape"),
+        (good + CARDINALITY, "0..2047"),
+        (good - 1, "0..2047"),
+        (good.tolist(), "torch.Tensor"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            mimi.decode(codes)
+    with pytest.raises(ValueError, match="batch size"):
+        mimi.decode_step(good, mimi.new_stream(batch_size=2))
+    with pytest.raises(ValueError, match="max_frames"):
+        mimi.new_stream(max_frames=0)
+    assert mimi.decode(good[..., :0]).shape == (1, 1, 0)
+
+
+# ====================================================================================================
+# Fixture checkpoints (issue 2)
+#
+# The test checkpoints: real file layout, load in the official package, and exercise modality switching.
+# ====================================================================================================
+
+def _fixture_tensors(path: Path) -> dict:
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def _fixture_skeleton_keys(config: dict) -> set:
+    """The official model's state_dict keys (parameters and persistent buffers)."""
+    from conftest import _official_skeleton
+
+    return set(_official_skeleton(config).state_dict())
+
+
+def test_fixture_file_set(tiny_ckpt):
+    names = {p.name for p in tiny_ckpt.iterdir()}
+    assert {"config.json", "model.safetensors", MIMI_FILE, "tokenizer.json", "tokenizer_config.json",
+            "special_tokens_map.json", "chat_template.jinja"} <= names, names
+    assert json.loads((tiny_ckpt / "config.json").read_text()) == TINY_CONFIG
+
+
+def test_fixture_model_file_keys_and_dtypes(tiny_ckpt):
+    official()
+    sd = _fixture_tensors(tiny_ckpt / "model.safetensors")
+    assert set(sd) == _fixture_skeleton_keys(TINY_CONFIG), "keys must be exactly the official state_dict's"
+    for k, v in sd.items():
+        want = torch.int64 if k == "codebook_offsets" or k.endswith("num_batches_tracked") else torch.bfloat16
+        assert v.dtype == want, (k, v.dtype)
+    assert sd["codebook_offsets"].tolist() == [2049 * k for k in range(8)]
+    # tie=True: the official to_logits IS the embedding; the file holds two equal copies
+    for k in range(TINY_CONFIG["codebooks"]):
+        assert torch.equal(sd[f"depth_embeddings.{k}.to_logits.weight"], sd[f"depth_embeddings.{k}.embedding.weight"])
+    # tie_audio_embeddings=False: separate, different tensors
+    assert not torch.equal(sd["audio_embedding.to_logits.weight"], sd["audio_embedding.embedding.weight"])
+    # randomised everywhere: no all-zero or all-one float tensors
+    for k, v in sd.items():
+        if v.is_floating_point() and v.numel() > 8:
+            assert v.float().std() > 0, k
+
+
+def test_fixture_mimi_file(tiny_ckpt):
+    sd = _fixture_tensors(tiny_ckpt / MIMI_FILE)
+    assert all(v.dtype == torch.float32 for v in sd.values())
+    assert "decoder_transformer.transformer.layers.0.self_attn.in_proj_weight" in sd
+    assert "decoder_transformer.transformer.layers.0.self_attn.out_proj.weight" in sd
+    assert not any("in_projs" in k or "out_projs" in k for k in sd)
+    assert len(sd) == 318 and sum(v.numel() for v in sd.values()) > 90e6  # the whole codec, encoder too
+
+
+def test_fixture_loads_in_official(tiny_ckpt):
+    model, processor = load_official(tiny_ckpt)
+    sd = _fixture_tensors(tiny_ckpt / "model.safetensors")
+    own = model.state_dict()
+    for k, v in sd.items():  # every tensor was loaded (none left at the constructor's random init)
+        assert torch.equal(own[k], v.to(own[k].dtype)), k
+    assert own["lfm.embed_tokens.weight"].dtype == torch.float32
+    codes = torch.randint(0, 2048, (1, 8, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        wave = processor.mimi.decode(codes)  # loads the Mimi file strictly (renaming attention keys)
+    assert wave.shape == (1, 1, 6 * 1920)
+    assert 0.01 < float(wave.pow(2).mean().sqrt()) < 1.0, "random codes should decode to audible audio"
+
+
+def _fixture_assert_sequential(items):
+    """text -> <|audio_start|> -> audio frames -> end-of-audio frame -> text."""
+    ev = stream_events(items)
+    assert isinstance(ev[0], tuple) and ev[0][0] == "text", ev
+    i = ev.index("audio_start")
+    assert ev[i + 1][0] == "audio" and "end_of_audio" in ev[i + 1:], ev
+    j = ev.index("end_of_audio", i)
+    assert len(ev) > j + 1, f"no text after the end-of-audio frame: {ev}"
+    return ev
+
+
+def _fixture_assert_varied(items):
+    text = [v for k, v in items if k == "text"]
+    frames = torch.tensor([v for k, v in items if k == "audio" and v != [END_OF_AUDIO] * 8])
+    assert len(set(text)) >= 3, text
+    assert all(len(set(frames[:, k].tolist())) >= 3 for k in range(8)), frames
+    assert len({tuple(f) for f in frames.tolist()}) >= frames.shape[0] // 3, frames
+
+
+def _fixture_assert_interleaved(items, config):
+    """n_text text tokens (fewer if <|text_end|>), then audio frames; a text_end or end-of-audio switch."""
+    ev = stream_events(items)
+    first_frame = next(i for i, (k, _) in enumerate(items) if k == "audio")
+    n_text = config["interleaved_n_text"]
+    assert first_frame == n_text or 0 < first_frame < n_text and items[first_frame - 1] == ("text", TEXT_END), ev
+    assert "end_of_audio" in ev or "text_end" in ev, ev
+    assert any(k == "text" for k, _ in items[first_frame:]), f"never back to text: {ev}"
+    return ev
+
+
+def _fixture_greedy_margins(model, processor, task, max_new_tokens):
+    """Official greedy stream for `task`, and the smallest (top1 - top2) / std of every logit vector."""
+    margins = []
+
+    def record(logits):
+        top = logits.topk(2).values
+        margins.append(float((top[0] - top[1]) / logits.std()))
+        return logits
+
+    text_sampler = model._sample_text_token
+    model._sample_text_token = lambda logits, **kw: text_sampler(record(logits), **kw)
+    for emb in model.depth_embeddings:
+        emb.get_logits = lambda x, f=emb.get_logits: record(f(x))
+    try:
+        items = official_generate(model, official_prompt(processor, task), PROMPTS[task][3], max_new_tokens)
+    finally:
+        del model._sample_text_token
+        for emb in model.depth_embeddings:
+            del emb.get_logits
+    return items, min(margins)
+
+
+@pytest.fixture(scope="module")
+def fixture_tiny_runs(tiny_ckpt):
+    """Official greedy streams (and smallest logit margins) on the tiny fixture: tts and chat, 100 items."""
+    model, processor = load_official(tiny_ckpt)
+    return {task: _fixture_greedy_margins(model, processor, task, 100) for task in ("tts", "chat")}
+
+
+def test_fixture_tiny_sequential_switches(fixture_tiny_runs):
+    items, _ = fixture_tiny_runs["tts"]
+    _fixture_assert_sequential(items)
+    _fixture_assert_varied(items)
+
+
+def test_fixture_tiny_interleaved_switches(fixture_tiny_runs):
+    items, _ = fixture_tiny_runs["chat"]
+    _fixture_assert_interleaved(items, TINY_CONFIG)
+    _fixture_assert_varied(items)
+
+
+def test_fixture_tiny_greedy_is_far_from_ties(fixture_tiny_runs):
+    """Greedy choices must not hinge on float32 rounding: top-1 beats top-2 by > 1e-5 logit std."""
+    for task, (_, margin) in fixture_tiny_runs.items():
+        assert margin > 1e-5, (task, margin)
+
+
+@pytest.mark.full_size
+def test_fixture_full_size_switches(full_ckpt):
+    """The full-size fixture (real config) switches modality in both modes with varied output."""
+    official()
+    sd_keys = set(safe_open(str(full_ckpt / "model.safetensors"), "pt").keys())
+    assert sd_keys == _fixture_skeleton_keys(FULL_CONFIG) and len(sd_keys) == 931
+    model, processor = load_official(full_ckpt)
+    items, margin = _fixture_greedy_margins(model, processor, "tts", 60)
+    _fixture_assert_sequential(items)
+    _fixture_assert_varied(items)
+    assert margin > 1e-5, margin
+    items, margin = _fixture_greedy_margins(model, processor, "chat", 60)
+    _fixture_assert_interleaved(items, FULL_CONFIG)
+    _fixture_assert_varied(items)
+    assert margin > 1e-5, margin
+
+
+# ====================================================================================================
+# Backbone, depthformer, generation (issue 5)
+#
+# Parity of lfm2audio.py (LFM2 backbone, depthformer, chat prompt, both generation modes) with the official
+# liquid-audio package and transformers' Lfm2Model: float32 on CPU, the same random checkpoint, the same prompts.
+# ====================================================================================================
+
+LFM2AUDIO_RTOL = 1e-4  # hidden states / logits: max abs diff <= 1e-4 * max abs of the reference
+
+
+LFM2AUDIO_N_TINY = 100  # backbone steps per tiny generation
+
+
+def _lfm2audio_close(got: torch.Tensor, ref: torch.Tensor, what: str, rtol: float = LFM2AUDIO_RTOL) -> float:
+    diff = float((got.float() - ref.float()).abs().max())
+    scale = float(ref.float().abs().max())
+    assert diff <= rtol * scale, f"{what}: max abs diff {diff:.3g} > {rtol} * {scale:.3g}"
+    return diff / scale
+
+
+def _lfm2audio_prompt(model, task: str) -> lfm2audio.Chat:
+    """Our chat state for a conftest PROMPTS task, built from the same turns as conftest.official_prompt."""
+    return build_prompt(lfm2audio.Chat(model.tokenizer), task, conformer.load_audio)
+
+
+def _lfm2audio_assert_same_prompt(chat: lfm2audio.Chat, ochat) -> None:
+    """Same text ids, modality flags, audio-out frames, mel lengths and mel features (exactly)."""
+    assert chat.text == ochat.text[0].tolist(), "text ids differ"
+    assert chat.modality == ochat.modality_flag[0].tolist(), "modality flags differ"
+    frames = torch.stack(chat.frames, 1) if chat.frames else torch.zeros(8, 0, dtype=torch.long)
+    assert torch.equal(frames, ochat.audio_out.cpu()), "audio-out frames differ"
+    assert [m.shape[1] for m in chat.mels] == ochat.audio_in_lens.tolist(), "mel lengths differ"
+    if chat.mels:  # bf16-rounded in both (the ChatState default); the mel front end is checked in the conformer section
+        mel = torch.cat(chat.mels, 1)
+        assert mel.dtype == ochat.audio_in.dtype and torch.equal(mel, ochat.audio_in.cpu()), "mel features differ"
+
+
+def _lfm2audio_items(stream) -> list:
+    return [(k, v if k == "text" else v.tolist()) for k, v in stream]
+
+
+def _lfm2audio_check_stream(items: list, n_min: int = 60, both: bool = True) -> None:
+    assert len(items) >= n_min, f"only {len(items)} items generated"
+    kinds = {k for k, _ in items}
+    assert kinds == {"text", "audio"} or not both, f"generation never switched modality ({kinds})"
+
+
+@pytest.fixture(scope="module")
+def lfm2audio_pair(tiny_ckpt):
+    """(ours, official model, official processor) on the tiny checkpoint, float32."""
+    off, proc = load_official(tiny_ckpt)
+    ours = lfm2audio.LFM2Audio.from_pretrained(tiny_ckpt, dtype=torch.float32, max_seq_len=1024)
+    return ours, off, proc
+
+
+def _lfm2audio_inputs(ours, n: int, seed: int = 0) -> torch.Tensor:
+    """Input embeddings [1, n, D] mixing text tokens and audio-out frames, as a real history does."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, ours.cfg.vocab_size, (n,), generator=g)
+    codes = torch.randint(0, 2048, (8, n), generator=g)
+    is_audio = torch.rand(n, generator=g) < 0.5
+    with torch.no_grad():
+        x = torch.where(is_audio[:, None], ours.embed_audio_out(codes), ours.lfm.embed_tokens(ids))
+    return x[None]
+
+
+def test_lfm2audio_backbone_prefill(lfm2audio_pair):
+    """Prefill hidden states and text logits vs transformers' Lfm2Model (eager) and the official model (sdpa)."""
+    from transformers import Lfm2Model
+
+    ours, off, _ = lfm2audio_pair
+    hf = Lfm2Model(copy.deepcopy(off.lfm.config)).eval()
+    hf.set_attn_implementation("eager")
+    hf.load_state_dict(off.lfm.state_dict())
+    x = _lfm2audio_inputs(ours, 120)
+    with torch.no_grad():
+        ours.lfm.reset()
+        h = ours.lfm(x, torch.arange(x.shape[1]))
+        for name, ref in (("transformers", hf(inputs_embeds=x).last_hidden_state),
+                          ("official", off.lfm(inputs_embeds=x).last_hidden_state)):
+            _lfm2audio_close(h, ref, f"hidden states vs {name}")
+            _lfm2audio_close(ours.text_logits(h), F.linear(ref, off.lfm.embed_tokens.weight), f"logits vs {name}")
+
+
+def test_lfm2audio_backbone_cached_decode(lfm2audio_pair):
+    """Prefill, then 32 decode steps one position at a time through the static caches == the full sequence."""
+    ours, off, _ = lfm2audio_pair
+    x = _lfm2audio_inputs(ours, 72, seed=1)
+    n = x.shape[1] - 32
+    with torch.no_grad():
+        ref = off.lfm(inputs_embeds=x).last_hidden_state[0]
+        ours.lfm.reset()
+        full = ours.lfm(x, torch.arange(x.shape[1]))[0]
+        steps = [ours.prefill(x[:, :n])]
+        for i in range(n, x.shape[1]):
+            steps.append(ours.decode_one(x[:, i:i + 1], torch.tensor([i])))
+    got = torch.stack(steps)  # positions n-1 .. end
+    _lfm2audio_close(got, full[n - 1:], "cached decode vs our full recompute")
+    _lfm2audio_close(got, ref[n - 1:], "cached decode vs official full sequence")
+    assert ours.text_logits(got).argmax(-1).tolist() == F.linear(ref[n - 1:], off.lfm.embed_tokens.weight).argmax(
+        -1).tolist()
+
+
+def test_lfm2audio_depthformer_frames(lfm2audio_pair):
+    """Greedy audio frames (8 codebooks through the depthformer) and their input embedding == official."""
+    ours, off, _ = lfm2audio_pair
+    h = _lfm2audio_inputs(ours, 24, seed=2)[0] * 3
+    with torch.no_grad():
+        for i in range(h.shape[0]):
+            got, ref = ours.sample_audio_frame(h[i]), off._sample_audio_frame(h[i])
+            assert got.tolist() == ref.tolist(), f"frame {i}: {got.tolist()} != {ref.tolist()}"
+            emb = off.audio_embedding(ref + off.codebook_offsets).sum(0)
+            _lfm2audio_close(ours.embed_audio_out(got[:, None])[0], emb, "audio-out embedding")
+
+
+@pytest.mark.parametrize("mode", ["interleaved", "sequential"])
+@pytest.mark.parametrize("task", sorted(PROMPTS))
+def test_lfm2audio_greedy_generation(lfm2audio_pair, task, mode):
+    """Whole pipeline per task (chat on question.wav, text_chat, asr on asr.wav, tts), in both modes: the
+    same prompt, the same prompt embedding, and greedy generation item for item equal to the official
+    generate_interleaved / generate_sequential. At least 60 items unless <|im_end|> ended the turn."""
+    ours, off, proc = lfm2audio_pair
+    ochat, chat = official_prompt(proc, task), _lfm2audio_prompt(ours, task)
+    _lfm2audio_assert_same_prompt(chat, ochat)
+    with torch.no_grad():
+        _lfm2audio_close(ours.embed_prompt(chat), off._prefill(**ochat), "prompt embedding")
+    ref = official_generate(off, ochat, mode, LFM2AUDIO_N_TINY)
+    got = _lfm2audio_items(ours.generate(chat, mode, LFM2AUDIO_N_TINY))
+    assert got == ref
+    if len(ref) < LFM2AUDIO_N_TINY:  # stopped: sequential yields the <|im_end|>, interleaved does not
+        assert mode == "interleaved" or ref[-1] == ("text", lfm2audio.IM_END)
+    else:
+        assert len(ref) >= 60
+
+
+def test_lfm2audio_generation_coverage(lfm2audio_pair):
+    """The greedy runs compared above exercise every switch: <|audio_start|>, <|text_end|>, end of audio
+    (sequential and interleaved), the 6/12 interleave, and stopping at <|im_end|> (guards the fixture)."""
+    ours = lfm2audio_pair[0]
+    seen = set()
+    for task in PROMPTS:
+        for mode in ("interleaved", "sequential"):
+            items = _lfm2audio_items(ours.generate(_lfm2audio_prompt(ours, task), mode, LFM2AUDIO_N_TINY))
+            kinds = "".join("t" if k == "text" else "a" for k, _ in items)
+            for name, hit in (("audio_start", ("text", lfm2audio.AUDIO_START) in items),
+                              ("text_end", ("text", lfm2audio.TEXT_END) in items),
+                              ("end_of_audio", ("audio", [2048] * 8) in items),
+                              ("interleave_6_12", "tttttt" + "a" * 12 + "t" in kinds),
+                              ("stop", len(items) < LFM2AUDIO_N_TINY)):
+                if hit:
+                    seen.add((mode, name))
+    need = {("sequential", "audio_start"), ("sequential", "end_of_audio"), ("interleaved", "text_end"),
+            ("interleaved", "end_of_audio"), ("interleaved", "interleave_6_12")}
+    assert need <= seen, f"not exercised: {sorted(need - seen)}"
+    assert {("interleaved", "stop"), ("sequential", "stop")} & seen, "no run stopped at <|im_end|>"
+
+
+def test_lfm2audio_second_turn(lfm2audio_pair):
+    """Speech-to-speech chat, then a second user turn (text + another recording) after appending the first
+    turn's output (text ids and audio frames, end-of-audio included): prompts, embeddings, generations equal."""
+    ours, off, proc = lfm2audio_pair
+    ochat, chat = official_prompt(proc, "chat"), _lfm2audio_prompt(ours, "chat")
+    first = official_generate(off, ochat, "interleaved", LFM2AUDIO_N_TINY)
+    got = list(ours.generate(chat, "interleaved", LFM2AUDIO_N_TINY))
+    assert _lfm2audio_items(got) == first
+    official_append(ochat, first)
+    chat.append(got)
+    wave, rate = conformer.load_audio(ASSETS / "asr.wav")  # a second, longer clip: padded encoder batch
+    for c in (ochat, chat):
+        c.end_turn()
+        c.new_turn("user")
+        c.add_text("And this?")
+        c.add_audio(wave[None] if c is ochat else wave, rate)
+        c.end_turn()
+        c.new_turn("assistant")
+    _lfm2audio_assert_same_prompt(chat, ochat)
+    assert chat.modality.count(lfm2audio.AUDIO_OUT) == sum(k == "audio" for k, _ in first) > 0
+    with torch.no_grad():
+        _lfm2audio_close(ours.embed_prompt(chat), off._prefill(**ochat), "second-turn prompt embedding")
+    ref = official_generate(off, ochat, "interleaved", LFM2AUDIO_N_TINY)
+    assert _lfm2audio_items(ours.generate(chat, "interleaved", LFM2AUDIO_N_TINY)) == ref
+    _lfm2audio_check_stream(first)
+    _lfm2audio_check_stream(ref, both=False)
+
+
+def test_lfm2audio_seeded_sampling(lfm2audio_pair):
+    """Temperature + top-k sampling with the same seed draws the same items as the official code."""
+    ours, off, proc = lfm2audio_pair
+    params = dict(text_temperature=0.8, text_top_k=20, audio_temperature=0.9, audio_top_k=8)
+    ochat, chat = official_prompt(proc, "chat"), _lfm2audio_prompt(ours, "chat")
+    torch.manual_seed(1234)
+    ref = official_generate(off, ochat, "interleaved", 60, **params)
+    torch.manual_seed(1234)
+    got = _lfm2audio_items(ours.generate(chat, "interleaved", 60, **params))
+    assert got == ref
+    torch.manual_seed(1235)
+    assert _lfm2audio_items(ours.generate(chat, "interleaved", 60, **params)) != ref, "seed had no effect"
+
+
+def test_lfm2audio_sample_rules():
+    """Greedy for temperature None/0 or top_k 1; top-k never draws outside the k best."""
+    logits = torch.tensor([0.1, 3.0, 2.0, -1.0, 2.5])
+    for t, k in ((None, None), (0.0, 5), (-1.0, None), (1.0, 1)):
+        assert lfm2audio.sample(logits, t, k).tolist() == [1]
+    torch.manual_seed(0)
+    drawn = {int(lfm2audio.sample(logits, 1.0, 2)) for _ in range(200)}
+    assert drawn == {1, 4}
+
+
+def test_lfm2audio_load_bf16(tiny_ckpt, lfm2audio_pair):
+    """bf16 load: weights in bf16, RoPE cos/sin from bf16-rounded inverse frequencies exactly as the official
+    bf16 model computes them, hidden states close to the official bf16 model (tolerance 3e-2 relative)."""
+    official()
+    from liquid_audio import LFM2AudioModel
+
+    ours = lfm2audio.LFM2Audio.from_pretrained(tiny_ckpt, dtype=torch.bfloat16, max_seq_len=256)
+    assert {p.dtype for p in ours.parameters()} == {torch.bfloat16}
+    off = LFM2AudioModel.from_pretrained(tiny_ckpt, dtype=torch.bfloat16, device="cpu").eval()
+    x = _lfm2audio_inputs(ours, 200, seed=3)
+    with torch.no_grad():
+        cos, sin = off.lfm.rotary_emb(x, torch.arange(256)[None])
+        assert torch.equal(ours.lfm.rope_cos, cos[0]) and torch.equal(ours.lfm.rope_sin, sin[0])
+        ours.lfm.reset()
+        _lfm2audio_close(ours.lfm(x, torch.arange(200)), off.lfm(inputs_embeds=x).last_hidden_state,
+                         "bf16 hidden states", 3e-2)
+    fp32 = lfm2audio_pair[0]
+    assert torch.equal(ours.lfm.embed_tokens.weight.float(), fp32.lfm.embed_tokens.weight)  # bf16 file: exact
+    chat = _lfm2audio_prompt(ours, "tts")
+    assert len(list(ours.generate(chat, "sequential", 8))) > 0
+
+
+def _lfm2audio_copy_ckpt(src, dst, edit=None):
+    """A copy of a checkpoint folder with `edit(state_dict)` applied to model.safetensors."""
+    shutil.copytree(src, dst)
+    if edit is not None:
+        sd = load_file(str(dst / "model.safetensors"))
+        edit(sd)
+        save_file(sd, str(dst / "model.safetensors"))
+    return dst
+
+
+def test_lfm2audio_load_errors(tiny_ckpt, tmp_path):
+    """Missing, mis-shaped and unexpected tensors are named in one ValueError; missing files in a
+    FileNotFoundError; a tied weight stored once loads; a too-long prompt is refused."""
+    key, bad = "lfm.layers.1.self_attn.k_proj.weight", "depthformer.layers.0.feed_forward.w2.weight"
+    folder = _lfm2audio_copy_ckpt(tiny_ckpt, tmp_path / "missing", lambda sd: sd.pop(key))
+    with pytest.raises(ValueError, match=f"missing tensors: {key}"):
+        lfm2audio.LFM2Audio.from_pretrained(folder)
+
+    def reshape(sd):
+        sd[bad] = sd[bad][:, :-1].contiguous()
+        sd["lfm.extra.weight"] = torch.zeros(2)
+    folder = _lfm2audio_copy_ckpt(tiny_ckpt, tmp_path / "shape", reshape)
+    with pytest.raises(ValueError, match=f"unexpected tensors: lfm.extra.weight; wrong shapes: {bad}"):
+        lfm2audio.LFM2Audio.from_pretrained(folder)
+
+    tied = "depth_embeddings.3.to_logits.weight"
+    folder = _lfm2audio_copy_ckpt(tiny_ckpt, tmp_path / "tied", lambda sd: sd.pop(tied))
+    model = lfm2audio.LFM2Audio.from_pretrained(folder, max_seq_len=64)
+    assert torch.equal(model.depth_embeddings[3].to_logits.weight, model.depth_embeddings[3].embedding.weight)
+    with pytest.raises(ValueError, match="exceeds the context of 64"):
+        list(model.generate(_lfm2audio_prompt(model, "tts"), "sequential", 60))
+
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        lfm2audio.LFM2Audio.from_pretrained(folder)
+    with pytest.raises(FileNotFoundError, match="no-such-folder"):
+        lfm2audio.LFM2Audio.from_pretrained(tmp_path / "no-such-folder")
+
+
+@pytest.mark.full_size
+def test_lfm2audio_full_size_chat():
+    """Full-size config (the real shapes): speech-to-speech chat on question.wav, greedy, item for item equal
+    to the official model. Runs under the big-memory lock; one model in memory at a time (< 20 GB)."""
+    with open("/tmp/lfm2audio-bigmem.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        ckpt = cached_checkpoint(FULL_CONFIG, 0)
+        off, proc = load_official(ckpt)
+        ochat = official_prompt(proc, "chat")
+        t0 = time.perf_counter()
+        ref = official_generate(off, ochat, "interleaved", 64)
+        t_off = time.perf_counter() - t0
+        official_modality = ochat.modality_flag[0].tolist()
+        del off, ochat
+        gc.collect()
+        ours = lfm2audio.LFM2Audio.from_pretrained(ckpt, max_seq_len=256)
+        chat = _lfm2audio_prompt(ours, "chat")
+        assert chat.modality == official_modality
+        t0 = time.perf_counter()
+        got = _lfm2audio_items(ours.generate(chat, "interleaved", 64))
+        t_ours = time.perf_counter() - t0
+        del ours
+        gc.collect()
+    print(f"full-size greedy, 64 steps: official {t_off:.1f} s, ours {t_ours:.1f} s")
+    assert got == ref
+    _lfm2audio_check_stream(ref)
+
+
+# ====================================================================================================
+# run.py (issue 7)
+#
+# run.py, the command line: greedy answers of every mode equal the official pipeline item for item (the same
+# prompt, built as the official README builds it), the streamed wav equals the official Mimi decode of the same
+# codes, and every bad input ends in one `error:` line and a non-zero exit.
+#
+# run.py runs as a subprocess on the tiny checkpoint (real file layout, real-size Mimi). The subprocesses get
+# OMP_NUM_THREADS=1: on a CPU shared with other jobs, two OpenMP threads spin-wait on each other and a Mimi
+# frame takes seconds instead of ~60 ms; the thread count does not change what is computed.
+# ====================================================================================================
+
+RUN_PY = Path(__file__).resolve().parent / "run.py"
+
+
+RUN_MAX_NEW = 40  # backbone steps per answer: enough for text, audio, end of audio and text again
+
+
+RUN_WAV_ATOL = 1e-4  # streamed wav vs the official whole-sequence Mimi decode: max abs diff
+
+
+def _run_cli(args, cwd: Path, stdin: str | None = None, **env) -> subprocess.CompletedProcess:
+    environment = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"} | env
+    return subprocess.run([sys.executable, str(RUN_PY), *map(str, args)], cwd=cwd, input=stdin or "",
+                          capture_output=True, text=True, timeout=900, env=environment)
+
+
+def _run_ok(args, cwd: Path, stdin: str | None = None) -> subprocess.CompletedProcess:
+    r = _run_cli(args, cwd, stdin)
+    assert r.returncode == 0, f"run.py failed ({r.returncode}):\n{r.stderr}"
+    assert "Traceback" not in r.stderr, r.stderr
+    return r
+
+
+def _run_error(args, cwd: Path, expect: str, stdin: str | None = None, **env) -> str:
+    """Run, expecting failure: non-zero exit, exactly one stderr line `error: ...` containing `expect`."""
+    r = _run_cli(args, cwd, stdin, **env)
+    assert r.returncode != 0, f"expected a failure, got exit 0:\n{r.stderr}"
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), f"expected one error line, got:\n{r.stderr}"
+    assert expect in lines[0], f"{expect!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def run_official(tiny_ckpt):
+    """(official model, official processor) on the tiny checkpoint, float32 on CPU."""
+    return load_official(tiny_ckpt)
+
+
+def _run_check_answer(codes_json: Path, wav: Path | None, ochat, processor, model, mode: str) -> tuple[list, str]:
+    """codes JSON == official prompt ids and items; wav == official Mimi decode (wav None: ASR, no audio
+    decoded). Returns the items and the answer's text as run.py should print it."""
+    got = json.loads(codes_json.read_text())
+    assert got["prompt_ids"] == ochat.text[0].tolist(), "prompt ids differ from the official ChatState's"
+    want = official_generate(model, ochat, mode, RUN_MAX_NEW, drop_im_end=True)  # run.py writes no final <|im_end|>
+    assert [tuple(item) for item in got["items"]] == want, \
+        "generated items differ from the official generation (greedy: must be equal)"
+    text = processor.text.decode([v for k, v in want if k == "text"], skip_special_tokens=True)
+    assert text.strip(), "the answer should have text to compare"
+    if wav is None:
+        return want, text + "\n"
+    frames = [v for k, v in want if k == "audio" and END_OF_AUDIO not in v]
+    assert frames, "the answer should have audio to compare"
+
+    with torch.no_grad():
+        ref = processor.mimi.decode(torch.tensor(frames).T[None])[0, 0].numpy()  # [1920 * frames]
+    data, rate = sf.read(str(wav), dtype="float32")
+    assert rate == 24000
+    assert data.shape == ref.shape, f"wav has {data.shape[0]} samples, official decode {ref.shape[0]}"
+    diff = float(np.abs(data - ref).max())
+    assert diff <= RUN_WAV_ATOL, f"wav vs official Mimi decode: max abs diff {diff:.2e} > {RUN_WAV_ATOL}"
+    return want, text + "\n"
+
+
+@pytest.mark.parametrize("task, cli", [
+    ("chat", ["--wav", ASSETS / "question.wav"]),
+    ("asr", ["--mode", "asr", "--wav", ASSETS / "asr.wav"]),
+    ("tts", ["--mode", "tts", "--voice", "uk-male", "--text", PROMPTS["tts"][2]]),
+])
+def test_run_matches_official(task, cli, tiny_ckpt, run_official, tmp_path):
+    r = _run_ok(["--model", tiny_ckpt, *cli, "--greedy", "--max-new-tokens", RUN_MAX_NEW, "--device", "cpu",
+                 "--codes-out", "codes.json", "--out", "answer.wav"], tmp_path)
+    assert "[time] load" in r.stderr and "first text" in r.stderr, r.stderr
+    model, processor = run_official
+    ochat = official_prompt(processor, task)  # same system prompt and user turn as the CLI's
+    wav = None if task == "asr" else tmp_path / "answer.wav"  # ASR loads no Mimi and writes no audio
+    assert (tmp_path / "answer.wav").exists() == (wav is not None)
+    _, text = _run_check_answer(tmp_path / "codes.json", wav, ochat, processor, model, PROMPTS[task][3])
+    assert r.stdout == text, f"stdout {r.stdout!r} != the answer's text {text!r}"
+
+
+def test_run_two_turn_chat(tiny_ckpt, run_official, tmp_path):
+    question = "What is the capital of France?"
+    r = _run_ok(["--model", tiny_ckpt, "--chat", "--greedy", "--max-new-tokens", RUN_MAX_NEW, "--device", "cpu",
+                 "--codes-out", "codes.json"], tmp_path, stdin=f"{ASSETS / 'question.wav'}\n{question}\n")  # then EOF
+    assert r.stderr.count("[time] load") == 2, r.stderr
+    model, processor = run_official
+    ochat = official_prompt(processor, "chat")
+    first, text1 = _run_check_answer(tmp_path / "codes_1.json", tmp_path / "answer_1.wav", ochat, processor, model,
+                                     "interleaved")
+    official_append(ochat, first)  # history: the model's own text ids and audio frames
+    ochat.end_turn()
+    ochat.new_turn("user")
+    ochat.add_text(question)
+    ochat.end_turn()
+    ochat.new_turn("assistant")
+    _, text2 = _run_check_answer(tmp_path / "codes_2.json", tmp_path / "answer_2.wav", ochat, processor, model,
+                                 "interleaved")
+    assert r.stdout == text1 + text2, f"stdout {r.stdout!r} != the answers' text {text1 + text2!r}"
+
+
+def test_run_chat_bad_line_then_empty_line(tiny_ckpt, tmp_path):
+    """A missing wav in --chat is reported and the chat goes on; an empty line ends it cleanly."""
+    r = _run_cli(["--model", tiny_ckpt, "--chat", "--device", "cpu"], tmp_path, stdin="nope.wav\n\nignored\n")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines() == ["error: nope.wav: no such audio file"], r.stderr
+    assert r.stdout == "" and not list(tmp_path.glob("*.wav"))
+
+
+def test_run_chat_long_text_line(tiny_ckpt, tmp_path):
+    """A typed message longer than a file name may be (255 bytes) is a text turn, not a crash of is_file()."""
+    message = "Tell me more about that, " * 12  # 300 characters
+    r = _run_ok(["--model", tiny_ckpt, "--chat", "--greedy", "--max-new-tokens", 8, "--device", "cpu",
+                 "--codes-out", "codes.json"], tmp_path, stdin=f"Hello there.\n{message}\n")
+    assert r.stderr.count("[time] load") == 2 and "error" not in r.stderr, r.stderr
+    ids = Tokenizer.from_file(tiny_ckpt / "tokenizer.json").encode(message.strip())
+    prompt = json.loads((tmp_path / "codes_2.json").read_text())["prompt_ids"]
+    assert any(prompt[i:i + len(ids)] == ids for i in range(len(prompt))), "the message is not in turn 2's prompt"
+
+
+def test_run_chat_context_full(tiny_ckpt, tmp_path):
+    """When the history outgrows --context the chat says so and ends (exit 0), rather than crashing."""
+    r = _run_cli(["--model", tiny_ckpt, "--chat", "--greedy", "--device", "cpu", "--context", 130,
+                  "--max-new-tokens", 30], tmp_path, stdin=f"{ASSETS / 'question.wav'}\nAnd then?\nMore.\n")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert "context full" in r.stderr, r.stderr
+    assert (tmp_path / "answer_1.wav").is_file()
+
+
+def test_run_chat_ctrl_c(tiny_ckpt, tmp_path):
+    """Ctrl-C while the chat waits for the next turn: a short message and exit 0, no traceback."""
+    p = subprocess.Popen([sys.executable, str(RUN_PY), "--model", str(tiny_ckpt), "--chat", "--greedy",
+                          "--max-new-tokens", "20", "--device", "cpu"], cwd=tmp_path, text=True,
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env=os.environ | {"OMP_NUM_THREADS": "1"},
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # not ignored
+    try:
+        p.stdin.write(f"{ASSETS / 'question.wav'}\n")
+        p.stdin.flush()
+        timing = p.stderr.readline()  # printed once the first answer is written
+        time.sleep(1.0)  # the chat appends the answer and blocks reading the next turn
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    assert timing.startswith("[time]"), f"no answer before Ctrl-C: {timing!r}"
+    assert out.strip(), "no answer text before Ctrl-C"
+    assert p.returncode == 0 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == "interrupted", err
+    assert sf.info(str(tmp_path / "answer_1.wav")).frames > 0
+
+
+def test_run_text_printer_multibyte(tiny_ckpt):
+    """Characters whose UTF-8 bytes span tokens are printed whole, never as U+FFFD pieces."""
+    tok = Tokenizer.from_file(tiny_ckpt / "tokenizer.json")
+    text = "Café 東京都 👩‍👩‍👧 naïve ✓"
+    ids = tok.encode(text)
+    assert any("\ufffd" in tok.decode([i]) for i in ids), "the test needs a character split across tokens"
+    writes = []
+
+    class Out(io.StringIO):
+        def write(self, s):
+            writes.append(s)
+            return super().write(s)
+
+    printer = run.TextPrinter(tok, Out())
+    for i in [TEXT_END, *ids, IM_END]:  # control tokens are not printed
+        printer.add(i)
+    printer.close()
+    assert "".join(writes) == text + "\n"
+    assert not any("\ufffd" in w for w in writes), writes
+
+
+def test_run_audio_writer_streams(tiny_ckpt, tmp_path):
+    """Each frame is on disk (header included) once written; the file equals the whole-sequence decode."""
+    decoder = Mimi.from_file(tiny_ckpt / MIMI_FILE)
+    codes = torch.randint(0, 2048, (5, 8), generator=torch.Generator().manual_seed(0))
+    writer = run.AudioWriter(tmp_path / "a.wav", decoder)
+    assert sf.info(str(tmp_path / "a.wav")).frames == 0
+    for n, frame in enumerate(codes, 1):
+        writer.write(frame)
+        assert sf.info(str(tmp_path / "a.wav")).frames == 1920 * n, "the file lags behind the decoded frames"
+    writer.close()
+    data, _ = sf.read(str(tmp_path / "a.wav"), dtype="float32")
+    ref = decoder.decode(codes.T[None])[0, 0].numpy()
+    assert np.abs(data - ref).max() <= RUN_WAV_ATOL  # streaming == whole sequence (tolerance RUN_WAV_ATOL)
+
+
+def test_run_error_bad_audio(tmp_path):
+    (tmp_path / "garbage.wav").write_bytes(b"RIFF not really a wav file" * 10)
+    sf.write(str(tmp_path / "empty.wav"), np.zeros(0, dtype=np.float32), 16000)
+    sf.write(str(tmp_path / "silent.wav"), np.zeros(16000, dtype=np.float32), 16000)
+    _run_error(["--wav", "missing.wav"], tmp_path, "missing.wav: no such audio file")
+    _run_error(["--wav", "garbage.wav"], tmp_path, "garbage.wav: cannot read audio")
+    _run_error(["--wav", "empty.wav"], tmp_path, "empty.wav")
+    _run_error(["--wav", "silent.wav"], tmp_path, "silent.wav: audio is silent")
+    _run_error(["--wav", "."], tmp_path, ".: cannot read audio")  # a folder
+
+
+def test_run_error_bad_options(tmp_path):
+    _run_error(["--mode", "translate", "--text", "hi"], tmp_path, "invalid choice: 'translate'")
+    _run_error(["--mode", "tts", "--text", "hi", "--voice", "au-male"], tmp_path, "invalid choice: 'au-male'")
+    _run_error(["--mode", "tts"], tmp_path, "--mode tts needs --text")
+    _run_error(["--mode", "asr"], tmp_path, "--mode asr needs --wav")
+    _run_error([], tmp_path, "--wav and/or --text")
+    _run_error(["--text", "hi", "--device", "tpu9"], tmp_path, "--device tpu9")
+    _run_error(["--text", "hi", "--dtype", "float16"], tmp_path, "invalid choice: 'float16'")  # no fp16 reference
+    _run_error(["--text", "hi", "--context", 0], tmp_path, "--context >= 2")
+
+
+def _run_partial_checkpoint(src: Path, dst: Path, skip: str) -> Path:
+    """A copy of checkpoint `src` (symlinks) without the file `skip`."""
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.name != skip:
+            (dst / f.name).symlink_to(f)
+    return dst
+
+
+def test_run_error_checkpoint(tiny_ckpt, tmp_path):
+    for name, expect in [(MIMI_FILE, "Mimi checkpoint not found"), ("config.json", "config.json"),
+                         ("tokenizer.json", "tokenizer.json"), ("model.safetensors", "model.safetensors")]:
+        folder = _run_partial_checkpoint(tiny_ckpt, tmp_path / name.replace(".", "_"), name)
+        _run_error(["--model", folder, "--text", "hi"], tmp_path, expect)
+    folder = _run_partial_checkpoint(tiny_ckpt, tmp_path / "missing_tensor", "model.safetensors")
+    state = load_file(str(tiny_ckpt / "model.safetensors"))
+    del state["depth_linear.weight"]
+    save_file(state, str(folder / "model.safetensors"))
+    _run_error(["--model", folder, "--text", "hi"], tmp_path, "depth_linear.weight")
+    (folder / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ")
+    _run_error(["--model", folder, "--text", "hi"], tmp_path, "unreadable safetensors file")
+    _run_error(["--model", tmp_path / "no_such_folder", "--text", "hi"], tmp_path, "no_such_folder")
+
+
+def test_run_error_unwritable_output(tmp_path):
+    """Checked before the model loads (no --model here: the default repo is not even looked up)."""
+    _run_error(["--text", "hi", "--out", "no/such/dir/a.wav"], tmp_path, "no/such/dir/a.wav: no such folder")
+    _run_error(["--text", "hi", "--codes-out", "nowhere/c.json"], tmp_path, "nowhere/c.json: no such folder")
+    for out in ["answer.mp3", "answer", "answer.flac"]:
+        _run_error(["--text", "hi", "--out", out], tmp_path, f"--out {out}: the answer is written as a wav file")
+    (tmp_path / "dir.wav").mkdir()
+    _run_error(["--text", "hi", "--out", "dir.wav"], tmp_path, "dir.wav: is a folder")
+    _run_error(["--text", "hi", "--codes-out", "."], tmp_path, ".: is a folder")
+
+
+def test_run_error_offline_cache_miss(tmp_path):
+    _run_error(["--model", "nobody/no-such-model", "--text", "hi"], tmp_path, "nobody/no-such-model",
+               HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+
+
+def test_run_error_prompt_too_long(tiny_ckpt, tmp_path):
+    _run_error(["--model", tiny_ckpt, "--wav", ASSETS / "question.wav", "--context", 50, "--device", "cpu"],
+               tmp_path, "prompt too long")
+
+
+def test_run_error_context_too_large(tiny_ckpt, tmp_path):
+    """A --context past the model's positions is refused before caches for it are allocated."""
+    limit = json.loads((tiny_ckpt / "config.json").read_text())["lfm"]["max_position_embeddings"]
+    _run_error(["--model", tiny_ckpt, "--text", "hi", "--device", "cpu", "--context", limit + 1], tmp_path,
+               f"--context {limit + 1}: more positions than the model has ({limit}")
+    _run_error(["--model", tiny_ckpt, "--text", "hi", "--device", "cpu", "--context", 10**15], tmp_path,
+               "more positions than the model has")
+
+
+def test_run_asr_without_mimi(tiny_ckpt, tmp_path):
+    """ASR needs no Mimi file; the other modes report it missing before reading the model weights."""
+    folder = _run_partial_checkpoint(tiny_ckpt, tmp_path / "no_mimi", MIMI_FILE)
+    r = _run_ok(["--model", folder, "--mode", "asr", "--wav", ASSETS / "asr.wav", "--greedy", "--max-new-tokens", 8,
+                 "--device", "cpu"], tmp_path)
+    assert r.stdout.strip() and "[time] load" in r.stderr, r.stderr
+    assert not (tmp_path / "answer.wav").exists()
+    (folder / "model.safetensors").unlink()
+    (folder / "model.safetensors").write_bytes(b"not safetensors")  # would fail the load, were it read first
+    _run_error(["--model", folder, "--text", "hi", "--device", "cpu"], tmp_path, "Mimi checkpoint not found")
+
+
+def test_run_odd_audio(tiny_ckpt, tmp_path):
+    """Odd rates and many channels are heard or refused in one line; a rate pair whose resampling filter bank
+    would be huge (44101 Hz -> 16 kHz) is refused before the model loads."""
+    rng = np.random.default_rng(0)
+    sf.write(str(tmp_path / "r7.wav"), rng.uniform(-0.5, 0.5, 70).astype(np.float32), 7)
+    sf.write(str(tmp_path / "r384k.wav"), rng.uniform(-0.5, 0.5, 384000).astype(np.float32), 384000)
+    sf.write(str(tmp_path / "ch8.wav"), rng.uniform(-0.5, 0.5, (16000, 8)).astype(np.float32), 16000)
+    for name in ["r7.wav", "r384k.wav", "ch8.wav"]:
+        r = _run_ok(["--model", tiny_ckpt, "--mode", "asr", "--wav", name, "--greedy", "--max-new-tokens", 4,
+                     "--device", "cpu"], tmp_path)
+        assert r.stdout.strip(), f"{name}: no transcript\n{r.stderr}"
+    sf.write(str(tmp_path / "r44101.wav"), rng.uniform(-0.5, 0.5, 44101).astype(np.float32), 44101)
+    _run_error(["--model", tmp_path / "no_such_folder", "--wav", "r44101.wav"], tmp_path,
+               "r44101.wav: cannot resample 44101 Hz -> 16000 Hz")
+    r = _run_cli(["--model", tiny_ckpt, "--chat", "--greedy", "--max-new-tokens", 4, "--device", "cpu"], tmp_path,
+                 stdin="r44101.wav\nHello.\n")  # in --chat: reported, and the chat goes on
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.splitlines()[0].startswith("error: r44101.wav: cannot resample"), r.stderr
+    assert r.stderr.count("[time] load") == 1, r.stderr
+
+
+# ====================================================================================================
+# Compiled decode path (issue 8)
+#
+# The compiled decode path (torch.compile of the backbone step and of the text / audio heads) on the tiny
+# checkpoint: no graph breaks (so no host sync inside a step or a frame), greedy items equal to eager and to the
+# official package, seeded sampling equal to the official package. Timing lives in `bench.py decode`, not here.
+# A cold CPU compile of the tiny model takes ~50 s on 2 cores (inductor's cache makes reruns ~6 s).
+# ====================================================================================================
+
+PERF_N = 100  # backbone steps per generation
+
+
+PERF_SAMPLING = dict(text_temperature=0.8, text_top_k=20, audio_temperature=0.9, audio_top_k=8)
+
+
+@pytest.fixture(scope="module")
+def perf_models(tiny_ckpt):
+    """(eager, compiled, official model, official processor) on the tiny checkpoint, float32 CPU."""
+    eager = lfm2audio.LFM2Audio.from_pretrained(tiny_ckpt, max_seq_len=512)
+    compiled = lfm2audio.LFM2Audio.from_pretrained(tiny_ckpt, max_seq_len=512, compile=True)
+    off, proc = load_official(tiny_ckpt)
+    return eager, compiled, off, proc
+
+
+def test_perf_decode_path_has_no_graph_break(perf_models):
+    """The backbone step, a text token and a whole audio frame (8 depthformer passes, greedy and sampled)
+    each trace to one graph: nothing inside reads a value back to the host (that would break the graph)."""
+    eager = perf_models[0]
+    d = eager.cfg.dim
+    h, x, pos = torch.randn(d), torch.randn(1, 1, d), torch.tensor([5])
+    with torch.no_grad():
+        eager.prefill(torch.randn(1, 5, d))
+        calls = [(eager.decode_one, (x, pos))] + [
+            (fn, (h, t, k)) for fn in (eager.text_step, eager.audio_step) for t, k in ((None, None), (0.9, 8))]
+        for fn, args in calls:
+            explained = torch._dynamo.explain(fn)(*args)
+            assert explained.graph_break_count == 0 and explained.graph_count == 1, \
+                f"{fn.__name__}: {explained.graph_count} graphs, breaks: {explained.break_reasons}"
+    torch._dynamo.reset()  # explain's traces are not the compiled model's
+
+
+@pytest.mark.parametrize("task, mode", [("chat", "interleaved"), ("tts", "sequential")])
+def test_perf_compiled_greedy_equals_eager_and_official(perf_models, task, mode):
+    """Greedy generation with the compiled decode path: item for item equal to eager and to the official
+    generate_interleaved / generate_sequential (exact; the tiny fixture switches modality within 100 steps)."""
+    eager, compiled, off, proc = perf_models
+    assert compiled.compiled == "default" and eager.compiled is None
+    ref = official_generate(off, official_prompt(proc, task), mode, PERF_N)
+    got_eager = _lfm2audio_items(eager.generate(_lfm2audio_prompt(eager, task), mode, PERF_N))
+    got = _lfm2audio_items(compiled.generate(_lfm2audio_prompt(compiled, task), mode, PERF_N))
+    assert got == got_eager == ref
+    assert {k for k, _ in got} == {"text", "audio"}, "the run never switched modality"
+
+
+def test_perf_compiled_seeded_sampling_equals_official(perf_models):
+    """Temperature + top-k sampling on the device inside the compiled heads draws, from the same seed, the
+    same items as the official package (inductor falls back to aten's RNG ops); another seed differs."""
+    _, compiled, off, proc = perf_models
+    torch.manual_seed(4321)
+    with torch.no_grad():
+        ref = [("text", int(t)) if t.numel() == 1 else ("audio", t.tolist())
+               for t in off.generate_interleaved(**official_prompt(proc, "chat"), max_new_tokens=60,
+                                                 **PERF_SAMPLING)]
+    chat = _lfm2audio_prompt(compiled, "chat")
+    torch.manual_seed(4321)
+    assert _lfm2audio_items(compiled.generate(chat, "interleaved", 60, **PERF_SAMPLING)) == ref
+    torch.manual_seed(4322)
+    assert _lfm2audio_items(compiled.generate(chat, "interleaved", 60, **PERF_SAMPLING)) != ref, "seed had no effect"
