@@ -425,7 +425,7 @@ def main(argv=None):
     p = sub.add_parser("decode", help=bench_decode.__doc__)
     p.add_argument("--model", help="checkpoint folder (default: the full-size random-weight test fixture)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--steps", type=int, default=48, help="greedy backbone steps per generation")
     p.add_argument("--context", type=int, default=4096, help="our static cache length (run.py's default)")
     p.add_argument("--compile", action="store_true", help="also run ours with the compiled decode path")
