@@ -668,7 +668,7 @@ class LFM2Audio(nn.Module):
         interleaved = mode == "interleaved"
         x = self.embed_prompt(chat)
         pos = torch.tensor([n - 1], device=x.device)
-        cuda_graphs = getattr(self, "compiled", None) == "reduce-overhead"
+        cuda_graphs = self.compiled == "reduce-overhead"
         in_text, left, text_done = True, self.cfg.interleaved_n_text, False
         for step in range(max_new_tokens):
             left -= 1
