@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT / ".ci"))  # fixtures.py: test checkpoints and the official package, no pytest
 
 
 def _english_text(n_bytes: int) -> str:
@@ -63,7 +64,7 @@ def bench_tokenizer(args) -> dict:
     path = args.tokenizer
     if path is None:  # an LFM2-shaped BPE trained on the stdlib (the real file cannot be downloaded here)
         sys.path.insert(0, str(ROOT))
-        from conftest import write_tokenizer
+        from fixtures import write_tokenizer
         path = write_tokenizer(Path(tempfile.mkdtemp(prefix="bench-tokenizer-")), vocab_size=args.vocab_size)
     text = _english_text(int(args.megabytes * 1e6))
     n_mb = len(text.encode()) / 1e6
@@ -194,7 +195,7 @@ class _Ours:
 
     def prompt(self, task):
         import conformer
-        from conftest import ASSETS, PROMPTS
+        from fixtures import ASSETS, PROMPTS
         from lfm2audio import Chat
 
         system, audio, text, _ = PROMPTS[task]
@@ -224,7 +225,7 @@ class _Official:
     name = "official"
 
     def __init__(self, folder, device, dtype, context):
-        from conftest import official
+        from fixtures import official
         official()
         from liquid_audio import LFM2AudioModel, LFM2AudioProcessor
 
@@ -233,7 +234,7 @@ class _Official:
         self.mimi = self.processor.mimi  # loaded lazily; load time counts
 
     def prompt(self, task):
-        from conftest import official_prompt
+        from fixtures import official_prompt
         return official_prompt(self.processor, task)
 
     def prefill(self, chat):
@@ -331,9 +332,7 @@ def bench_decode(args) -> dict:
     peak RSS, and the weight-bandwidth floor."""
     import torch
 
-    sys.path.insert(0, str(ROOT))
-    sys.path.insert(0, str(ROOT / ".ci" / "reference"))
-    from conftest import FULL_CONFIG, cached_checkpoint
+    from fixtures import FULL_CONFIG, cached_checkpoint
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     folder = Path(args.model) if args.model else cached_checkpoint(FULL_CONFIG, 0)

@@ -1,6 +1,7 @@
 """Parity with the official liquid-audio 1.3.0 package, part by part, on the same random weights (float32, CPU).
 
-Fixtures (checkpoint folders in the real Hugging Face layout, the official package) live in conftest.py.
+Checkpoint folders in the real Hugging Face layout and helpers around the official package live in
+`.ci/fixtures.py`; the pytest fixtures in conftest.py.
 Each comparison states its tolerance; greedy streams must be identical.
 """
 
@@ -31,7 +32,8 @@ from safetensors.torch import load_file, save_file
 import conformer
 import lfm2audio
 import run
-from conftest import (
+from conftest import official
+from fixtures import (
     ASSETS,
     END_OF_AUDIO,
     FULL_CONFIG,
@@ -47,7 +49,6 @@ from conftest import (
     load_official,
     load_wav,
     mimi_file_tensors,
-    official,
     official_append,
     official_generate,
     official_prompt,
@@ -695,7 +696,7 @@ def test_conformer_bad_input(tmp_path):
 # Mimi decoder parity with the official `liquid_audio.moshi` codec on random weights at the real config.
 #
 # The official model comes from `moshi.models.loaders.get_mimi(None)` with every tensor randomised, and is
-# written to a safetensors file stored like the real one (conftest.write_mimi: fp32, whole codec, attention as
+# written to a safetensors file stored like the real one (fixtures.write_mimi: fp32, whole codec, attention as
 # `in_proj_weight` / `out_proj.weight`, which the official `LFM2AudioProcessor.mimi` reads with
 # `load_state_dict(strict=True)`).
 # ====================================================================================================
@@ -844,7 +845,7 @@ def _fixture_tensors(path: Path) -> dict:
 
 def _fixture_skeleton_keys(config: dict) -> set:
     """The official model's state_dict keys (parameters and persistent buffers)."""
-    from conftest import _official_skeleton
+    from fixtures import _official_skeleton
 
     return set(_official_skeleton(config).state_dict())
 
@@ -1013,7 +1014,7 @@ def _lfm2audio_close(got: torch.Tensor, ref: torch.Tensor, what: str, rtol: floa
 
 
 def _lfm2audio_prompt(model, task: str) -> lfm2audio.Chat:
-    """Our chat state for a conftest PROMPTS task, built from the same turns as conftest.official_prompt."""
+    """Our chat state for a fixtures.PROMPTS task, built from the same turns as fixtures.official_prompt."""
     return build_prompt(lfm2audio.Chat(model.tokenizer), task, conformer.load_audio)
 
 
