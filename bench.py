@@ -258,13 +258,15 @@ class _Official:
 def _timed_generation(impl, chat, mode, steps) -> dict:
     """Generate with streaming Mimi decode of every audio frame (as run.py and the official demo do), timing
     each item: LM seconds (the generator's step) and Mimi seconds."""
+    from lfm2audio import is_end_of_audio
+
     decode = impl.stream()
     items, lm, mimi, first_audio = [], [], [], None
     t0 = t = time.perf_counter()
     for key, value in impl.generate(chat, mode, steps):
         lm.append(time.perf_counter() - t)
         t = time.perf_counter()
-        if len(key) > 1 and 2048 not in key:  # end-of-audio frames are not decoded
+        if len(key) > 1 and not is_end_of_audio(value):  # not sound: not decoded
             decode(value)
             if first_audio is None:
                 first_audio = time.perf_counter() - t0

@@ -4,13 +4,14 @@ Reads the official Hugging Face checkpoint folder as it is (module names equal t
 and reproduces the official `liquid-audio` 1.3.0 generation token for token. Decoding is gpt-fast style: static,
 preallocated caches (KV for attention layers, the last two conv inputs for conv layers, an 8-step cache for the
 depthformer), so that `decode_one` (a backbone step), `text_step` and `audio_step` (a token / a whole frame,
-sampled on the device) have fixed shapes; `model.compile()` (or `from_pretrained(..., compile=True)`) compiles
-them, as CUDA graphs on a GPU. Eager is the default and gives the same items.
+sampled on the device) have fixed shapes; `model.compile_decode()` (or `from_pretrained(..., compile=True)`)
+compiles them, as CUDA graphs on a GPU. Eager is the default and gives the same items. `respond` shows the whole
+data path of an answer, wav in to wav out.
 
     model = LFM2Audio.from_pretrained("LiquidAI/LFM2-Audio-1.5B")
     chat = Chat(model.tokenizer)
     chat.new_turn("system"); chat.add_text("Respond with interleaved text and audio."); chat.end_turn()
-    chat.new_turn("user"); chat.add_audio(*conformer.load_audio("question.wav")); chat.end_turn()
+    chat.new_turn("user"); chat.add_audio(*conformer.load_audio("assets/question.wav")); chat.end_turn()
     chat.new_turn("assistant")
     for kind, value in model.generate(chat, mode="interleaved", max_new_tokens=512): ...
 """
@@ -485,7 +486,7 @@ class LFM2Audio(nn.Module):
         self.depth_embeddings = nn.ModuleList(
             SharedEmbedding(cfg.depth_dim, AUDIO_VOCAB, cfg.depth_tie) for _ in range(cfg.codebooks))
         self.tokenizer: Tokenizer | None = None  # set by from_pretrained
-        self.compiled: str | None = None  # the torch.compile mode of the decode path, set by compile()
+        self.compiled: str | None = None  # the torch.compile mode of the decode path, set by compile_decode()
 
     # -- loading --
 
@@ -494,7 +495,7 @@ class LFM2Audio(nn.Module):
                         max_seq_len: int = 4096, compile: bool = False) -> "LFM2Audio":
         """Load a checkpoint folder, or a Hugging Face repo id (downloads only the files needed; honours
         HF_HUB_OFFLINE), cast to `dtype` on `device`, with caches for `max_seq_len` positions; `compile`:
-        see `compile()`."""
+        see `compile_decode()`."""
         folder = checkpoint_folder(repo_id_or_path)
         cfg = Config.from_file(folder / "config.json")
         weights = folder / "model.safetensors"
@@ -519,7 +520,7 @@ class LFM2Audio(nn.Module):
         model.tokenizer = Tokenizer.from_file(tok)
         model.setup_caches(max_seq_len)
         model.eval()
-        return model.compile() if compile else model
+        return model.compile_decode() if compile else model
 
     def load_checkpoint(self, state: dict[str, torch.Tensor], name: str = "checkpoint"):
         """Strict load of a checkpoint state dict. A tied weight may be stored once or twice. Missing,
@@ -624,14 +625,15 @@ class LFM2Audio(nn.Module):
         frame = torch.where(frame[0] == END_OF_AUDIO, END_OF_AUDIO, frame)
         return frame, self.embed_audio_out(frame[:, None])[None]
 
-    def compile(self, mode: str | None = None) -> "LFM2Audio":
+    def compile_decode(self, mode: str | None = None) -> "LFM2Audio":
         """Compile the decode path with torch.compile: the backbone step over the static caches, and each
         head (text token; a whole audio frame: 8 depthformer passes and their sampling). Prefill stays eager
         (its length varies). `mode` defaults to "reduce-overhead" on CUDA (CUDA graphs) and the default
-        elsewhere. Sampling settings are constants of the graph: each setting compiles once.
-        Sets inductor's `fallback_random`, process-wide, so that seeded draws equal eager (and official) ones."""
+        elsewhere. Sampling settings are constants of the graph: each setting compiles once."""
         import torch._inductor.config
 
+        # process-wide: inductor otherwise draws random numbers with its own generator, so seeded sampling
+        # would differ from eager (and from the official package)
         torch._inductor.config.fallback_random = True
         if mode is None:
             mode = "reduce-overhead" if self.embed_tokens_weight.is_cuda else "default"
@@ -647,61 +649,99 @@ class LFM2Audio(nn.Module):
                  text_temperature: float | None = None, text_top_k: int | None = None,
                  audio_temperature: float | None = None, audio_top_k: int | None = None
                  ) -> Iterator[tuple[str, object]]:
-        """Yield ("text", id) and ("audio", codes LongTensor[8]) as they are produced; `max_new_tokens` counts
-        backbone steps, as the official generate_interleaved / generate_sequential do.
-
-        interleaved (chat): 6 text tokens then 12 audio frames, repeating; <|im_end|> stops (not yielded);
-        <|text_end|> ends text for good; an end-of-audio frame (yielded, all 2048) switches to text.
-        sequential (ASR, TTS): text until <|audio_start|>, then audio until an end-of-audio frame; <|im_end|>
-        is yielded and stops.
-
-        Each item costs one host sync (reading the id or codebook 0 to choose what comes next); sampling,
-        embedding lookups and the next input stay on the device."""
-        if mode not in ("interleaved", "sequential"):
-            raise ValueError(f"mode must be 'interleaved' or 'sequential', got {mode!r}")
+        """Yield ("text", id) and ("audio", codes LongTensor[8]) as they are produced, by the rules of `mode`
+        (see `Modality`); `max_new_tokens` counts backbone steps, as the official generate_interleaved /
+        generate_sequential do. A prefill, then one loop of one item per step; each item costs one host sync
+        (reading the id, or codebook 0, to choose what comes next); sampling and the next input embedding stay
+        on the device."""
         if self.lfm.max_seq_len == 0:
             raise ValueError("caches not set up: call setup_caches(max_seq_len) first")
         n = len(chat)
         if n + max_new_tokens > self.lfm.max_seq_len:
             raise ValueError(f"prompt of {n} positions + {max_new_tokens} new tokens exceeds the context of "
                              f"{self.lfm.max_seq_len} (raise max_seq_len)")
-        interleaved = mode == "interleaved"
-        x = self.embed_prompt(chat)
-        pos = torch.tensor([n - 1], device=x.device)
-        cuda_graphs = self.compiled == "reduce-overhead"
-        in_text, left, text_done = True, self.cfg.interleaved_n_text, False
+        turn = Modality(mode, self.cfg.interleaved_n_text, self.cfg.interleaved_n_audio)
+        h = self.prefill(self.embed_prompt(chat))  # [D], the last prompt position
+        pos = torch.tensor([n], device=h.device)  # where the next input goes
         for step in range(max_new_tokens):
-            left -= 1
-            if cuda_graphs:  # a new step: outputs of the previous graph replays may be overwritten
+            if self.compiled == "reduce-overhead":  # a new step: a graph replay may overwrite earlier outputs
                 torch.compiler.cudagraph_mark_step_begin()
-            if step == 0:
-                h = self.prefill(x)
-            else:
-                pos += 1
+            if step:
                 h = self.decode_one(x, pos)
-            if in_text:
+                pos += 1
+            if turn.text:
                 token, x = self.text_step(h, text_temperature, text_top_k)
-                tid = int(token)  # the one host sync of this step
-                if interleaved:
-                    if tid == IM_END:
-                        return
-                    yield "text", tid
-                    text_done = text_done or tid == TEXT_END
-                    if not left or text_done:
-                        in_text, left = False, self.cfg.interleaved_n_audio
-                else:
-                    yield "text", tid
-                    if tid == IM_END:
-                        return
-                    in_text = tid != AUDIO_START
+                item = ("text", int(token))  # the one host sync of this step
             else:
                 frame, x = self.audio_step(h, audio_temperature, audio_top_k)
-                frame = frame.clone()  # the caller keeps it; a graph replay would overwrite it
-                if interleaved and not left and not text_done:
-                    in_text, left = True, self.cfg.interleaved_n_text
-                if frame[0] == END_OF_AUDIO:  # the one host sync of this step
-                    in_text = True
-                yield "audio", frame
+                item = ("audio", frame.clone())  # the caller keeps it; a graph replay would overwrite it
+            emit, done = turn.next(*item)
+            if emit:
+                yield item
+            if done:
+                return
+
+
+class Modality:
+    """Which head runs next, text or audio, and when the turn ends: the official rules of the two modes.
+
+    interleaved (chat): runs of 6 text tokens and 12 audio frames; <|text_end|> ends text for good (audio
+    only after it); an end-of-audio frame switches to text; <|im_end|> ends the turn and is not yielded.
+    sequential (ASR, TTS): text until <|audio_start|>, then audio until an end-of-audio frame; <|im_end|> is
+    yielded and ends the turn."""
+
+    def __init__(self, mode: str, n_text: int, n_audio: int):
+        if mode not in ("interleaved", "sequential"):
+            raise ValueError(f"mode must be 'interleaved' or 'sequential', got {mode!r}")
+        self.interleaved, self.n_text, self.n_audio = mode == "interleaved", n_text, n_audio
+        self.text, self.left, self.text_done = True, n_text, False  # left: items of the current run
+
+    def next(self, kind: str, value) -> tuple[bool, bool]:
+        """After a generated item: (yield it, the turn is over)."""
+        self.left -= 1
+        if kind == "audio":
+            if self.interleaved and not self.left and not self.text_done:
+                self.text, self.left = True, self.n_text
+            if value[0] == END_OF_AUDIO:  # codebook 0 decides; audio_step made the whole frame 2048
+                self.text = True
+            return True, False
+        if value == IM_END:
+            return not self.interleaved, True
+        if not self.interleaved:
+            self.text = value != AUDIO_START
+            return True, False
+        self.text_done = self.text_done or value == TEXT_END
+        if not self.left or self.text_done:
+            self.text, self.left = False, self.n_audio
+        return True, False
+
+
+def is_end_of_audio(frame: torch.Tensor) -> bool:
+    """Whether a generated audio frame [8] is a signal to the model rather than sound: the end-of-audio code
+    in any codebook. Decoders have no code 2048, so such a frame is never decoded (as in the official demo);
+    it stays in the chat history all the same."""
+    return bool((frame == END_OF_AUDIO).any())
+
+
+def respond(model: LFM2Audio, chat: Chat, vocoder=None, mode: str = "interleaved", **generate_kw
+            ) -> Iterator[tuple[str, object, torch.Tensor | None]]:
+    """The assistant's turn along the whole data path, streamed: yields ("text", id, None) and
+    ("audio", codes [8], wave [1920] at 24 kHz, or None for an end-of-audio frame or without a vocoder).
+
+        wav [T] at any rate -> 16 kHz -> log-mel [128, 1 + T/160]         Chat.add_audio (conformer.audio_features)
+        log-mel -> conformer [ceil(n/8), 512] -> adapter [ceil(n/8), 2048] LFM2Audio.embed_prompt, with text ids
+                                                                         -> embed_tokens: the prompt [1, L, 2048]
+        prompt -> LFM2 (prefill, then one step per item) -> h [2048]      LFM2Audio.prefill / decode_one
+        h -> text logits [65536] -> id, or                                LFM2Audio.text_step
+        h -> depth_linear [8, 1024] -> depthformer x 8 -> codes [8]       LFM2Audio.audio_step
+        codes [1, 8, 1] -> decoder (streaming) -> wave [1920] at 24 kHz  vocoder.decode_step (mimi.Mimi)
+    """
+    stream = vocoder.new_stream(1) if vocoder is not None else None
+    for kind, value in model.generate(chat, mode, **generate_kw):
+        wave = None
+        if stream is not None and kind == "audio" and not is_end_of_audio(value):
+            wave = vocoder.decode_step(value.view(1, -1, 1), stream)[0, 0]  # [1920]
+        yield kind, value, wave
 
 
 def checkpoint_folder(repo_id_or_path: str | Path) -> Path:

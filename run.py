@@ -1,8 +1,8 @@
 """LFM2-Audio from the command line: speech-to-speech chat, ASR and TTS.
 
-    python run.py --wav question.wav                      # spoken answer: text on stdout, audio in answer.wav
+    python run.py --wav assets/question.wav               # spoken answer: text on stdout, audio in answer.wav
     python run.py --text "What is the capital of France?"
-    python run.py --mode asr --wav asr.wav                # transcript on stdout
+    python run.py --mode asr --wav assets/asr.wav         # transcript on stdout
     python run.py --mode tts --text "Hello!" --voice uk-female --out hello.wav
     python run.py --chat                                  # multi-turn: type text or a wav path per turn
 
@@ -22,7 +22,7 @@ import soundfile as sf
 import torch
 
 import conformer
-from lfm2audio import END_OF_AUDIO, IM_END, MIMI_FILE, Chat, LFM2Audio, checkpoint_folder
+from lfm2audio import IM_END, MIMI_FILE, Chat, LFM2Audio, checkpoint_folder, respond
 from mimi import SAMPLE_RATE, Mimi
 
 DEFAULT_MODEL = "LiquidAI/LFM2-Audio-1.5B"
@@ -186,18 +186,15 @@ class TextPrinter:
 
 
 class AudioWriter:
-    """Decodes audio frames with streaming Mimi and appends them to a 24 kHz float wav, flushed after every
-    frame so the header is current and the file playable while the answer goes on."""
+    """Appends decoded audio to a 24 kHz float wav, flushed after every frame so the header is current and the
+    file playable while the answer goes on."""
 
-    def __init__(self, path: Path, decoder: Mimi):
-        self.decoder = decoder
-        self.stream = decoder.new_stream(1)
+    def __init__(self, path: Path):
         # FLOAT keeps the decoder's samples exactly (PCM_16 would round them and clip peaks above 1)
         self.file = sf.SoundFile(str(path), "w", samplerate=SAMPLE_RATE, channels=1, subtype="FLOAT")
         self.samples = 0
 
-    def write(self, frame: torch.Tensor):  # frame [8] codes
-        wave = self.decoder.decode_step(frame.view(1, -1, 1), self.stream)[0, 0]  # [1920]
+    def write(self, wave: torch.Tensor):  # wave [n] at 24 kHz
         self.file.write(wave.float().cpu().numpy())
         self.file.flush()
         self.samples += wave.numel()
@@ -226,12 +223,12 @@ def answer(model: LFM2Audio, decoder: Mimi | None, chat: Chat, args, wav_path: P
     prompt_ids = list(chat.text)
     items = []
     printer = TextPrinter(model.tokenizer)
-    audio = AudioWriter(wav_path, decoder) if decoder is not None else None
+    audio = AudioWriter(wav_path) if decoder is not None else None
     t0 = time.perf_counter()
     first_text = first_audio = None
     try:
-        for kind, value in model.generate(chat, mode=GENERATION[args.mode], max_new_tokens=max_new,
-                                          **sampling(args)):
+        for kind, value, wave in respond(model, chat, decoder, GENERATION[args.mode], max_new_tokens=max_new,
+                                         **sampling(args)):
             if kind == "text":
                 if first_text is None:
                     first_text = time.perf_counter() - t0
@@ -239,10 +236,8 @@ def answer(model: LFM2Audio, decoder: Mimi | None, chat: Chat, args, wav_path: P
                 items.append(("text", value))
             else:
                 items.append(("audio", value.tolist()))
-                # end of audio is a signal to the LM, not a sound; like the official demo, a frame holding
-                # the end-of-audio code in any codebook is not decoded (Mimi has no code 2048)
-                if audio is not None and not (value == END_OF_AUDIO).any():
-                    audio.write(value)
+                if wave is not None:  # None: an end-of-audio frame, a signal to the model, not sound
+                    audio.write(wave)
                     if first_audio is None:
                         first_audio = time.perf_counter() - t0
     finally:

@@ -1480,10 +1480,11 @@ def test_run_audio_writer_streams(tiny_ckpt, tmp_path):
     """Each frame is on disk (header included) once written; the file equals the whole-sequence decode."""
     decoder = Mimi.from_file(tiny_ckpt / MIMI_FILE)
     codes = torch.randint(0, 2048, (5, 8), generator=torch.Generator().manual_seed(0))
-    writer = run.AudioWriter(tmp_path / "a.wav", decoder)
+    stream = decoder.new_stream(1)
+    writer = run.AudioWriter(tmp_path / "a.wav")
     assert sf.info(str(tmp_path / "a.wav")).frames == 0
     for n, frame in enumerate(codes, 1):
-        writer.write(frame)
+        writer.write(decoder.decode_step(frame.view(1, -1, 1), stream)[0, 0])
         assert sf.info(str(tmp_path / "a.wav")).frames == 1920 * n, "the file lags behind the decoded frames"
     writer.close()
     data, _ = sf.read(str(tmp_path / "a.wav"), dtype="float32")
