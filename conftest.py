@@ -47,6 +47,13 @@ def tiny_ckpt() -> Path:
 
 
 @pytest.fixture(scope="session")
+def official_tiny(tiny_ckpt):
+    """(official LFM2AudioModel, LFM2AudioProcessor) on the tiny checkpoint, float32 on CPU; shared, not to be
+    modified."""
+    return fixtures.load_official(tiny_ckpt)
+
+
+@pytest.fixture(scope="session")
 def full_ckpt() -> Path:
     """A full-size checkpoint folder (the real config, seed 0; ~3.3 GB), cached on disk.
 
