@@ -4,16 +4,8 @@ Reads the official Hugging Face checkpoint folder as it is (module names equal t
 and reproduces the official `liquid-audio` 1.3.0 generation token for token. Decoding is gpt-fast style: static,
 preallocated caches (KV for attention layers, the last two conv inputs for conv layers, an 8-step cache for the
 depthformer), so that `decode_one` (a backbone step), `text_step` and `audio_step` (a token / a whole frame,
-sampled on the device) have fixed shapes; `model.compile_decode()` (or `from_pretrained(..., compile=True)`)
-compiles them, as CUDA graphs on a GPU. Eager is the default and gives the same items. `respond` shows the whole
-data path of an answer, wav in to wav out.
-
-    model = LFM2Audio.from_pretrained("LiquidAI/LFM2-Audio-1.5B")
-    chat = Chat(model.tokenizer)
-    chat.new_turn("system"); chat.add_text("Respond with interleaved text and audio."); chat.end_turn()
-    chat.new_turn("user"); chat.add_audio(*conformer.load_audio("assets/question.wav")); chat.end_turn()
-    chat.new_turn("assistant")
-    for kind, value in model.generate(chat, mode="interleaved", max_new_tokens=512): ...
+sampled on the device) have fixed shapes; `compile_decode()` compiles them (CUDA graphs on a GPU). `respond`, at
+the end, is the whole data path of an answer, wav in to wav out; the README has an example.
 """
 
 import json
@@ -597,20 +589,6 @@ class LFM2Audio(nn.Module):
     def text_logits(self, h: torch.Tensor) -> torch.Tensor:
         return F.linear(h, self.embed_tokens_weight)  # tied to the input embedding
 
-    def sample_audio_frame(self, h: torch.Tensor, temperature: float | None = None,
-                           top_k: int | None = None) -> torch.Tensor:
-        """Backbone hidden state [D] -> one audio frame, codes [8]: the depthformer runs once per codebook,
-        its input the frame's projection plus the embedding of the previous codebook's code."""
-        d = self.depth_linear(h).view(self.cfg.codebooks, -1)  # [8, depth_dim]
-        prev = torch.zeros_like(d[0])
-        codes = []
-        for k, head in enumerate(self.depth_embeddings):
-            y = self.depthformer((d[k] + prev)[None, None], k)[0, 0]
-            code = sample(head.logits(y), temperature, top_k)  # [1]
-            codes.append(code)
-            prev = head.embedding(code)[0]
-        return torch.cat(codes)
-
     # -- one generated item, on the device: sampled ids and the next input embedding, no host sync --
 
     def text_step(self, h: torch.Tensor, temperature: float | None, top_k: int | None):
@@ -619,9 +597,16 @@ class LFM2Audio(nn.Module):
         return token, self.lfm.embed_tokens(token)[None]
 
     def audio_step(self, h: torch.Tensor, temperature: float | None, top_k: int | None):
-        """Hidden state [D] -> (frame [8], its embedding [1, 1, D]). A frame whose codebook 0 is the end of
-        audio becomes all end-of-audio codes (as the official loop does), here without a host round trip."""
-        frame = self.sample_audio_frame(h, temperature, top_k)
+        """Hidden state [D] -> (frame [8], its embedding [1, 1, D]). The depthformer runs once per codebook, its
+        input the frame's projection plus the embedding of the previous codebook's code. A frame whose codebook
+        0 is the end of audio becomes all end-of-audio codes (as the official loop does), without a host sync."""
+        d = self.depth_linear(h).view(self.cfg.codebooks, -1)  # [8, depth_dim]
+        prev, codes = torch.zeros_like(d[0]), []
+        for k, head in enumerate(self.depth_embeddings):
+            y = self.depthformer((d[k] + prev)[None, None], k)[0, 0]  # [depth_dim]
+            codes.append(sample(head.logits(y), temperature, top_k))
+            prev = head.embedding(codes[-1])[0]
+        frame = torch.cat(codes)  # [8]
         frame = torch.where(frame[0] == END_OF_AUDIO, END_OF_AUDIO, frame)
         return frame, self.embed_audio_out(frame[:, None])[None]
 
@@ -649,13 +634,9 @@ class LFM2Audio(nn.Module):
                  text_temperature: float | None = None, text_top_k: int | None = None,
                  audio_temperature: float | None = None, audio_top_k: int | None = None
                  ) -> Iterator[tuple[str, object]]:
-        """Yield ("text", id) and ("audio", codes LongTensor[8]) as they are produced, by the rules of `mode`
-        (see `Modality`); `max_new_tokens` counts backbone steps, as the official generate_interleaved /
-        generate_sequential do. A prefill, then one loop of one item per step; each item costs one host sync
-        (reading the id, or codebook 0, to choose what comes next); sampling and the next input embedding stay
-        on the device."""
-        if self.lfm.max_seq_len == 0:
-            raise ValueError("caches not set up: call setup_caches(max_seq_len) first")
+        """Yield ("text", id) and ("audio", codes LongTensor[8]) as produced, by the rules of `mode` (`Modality`);
+        `max_new_tokens` counts backbone steps, as the official generate_interleaved / generate_sequential do.
+        One host sync per item (the id, or codebook 0, chooses what comes next); the rest stays on the device."""
         n = len(chat)
         if n + max_new_tokens > self.lfm.max_seq_len:
             raise ValueError(f"prompt of {n} positions + {max_new_tokens} new tokens exceeds the context of "
@@ -683,12 +664,10 @@ class LFM2Audio(nn.Module):
 
 
 class Modality:
-    """Which head runs next, text or audio, and when the turn ends: the official rules of the two modes.
-
-    interleaved (chat): runs of 6 text tokens and 12 audio frames; <|text_end|> ends text for good (audio
-    only after it); an end-of-audio frame switches to text; <|im_end|> ends the turn and is not yielded.
-    sequential (ASR, TTS): text until <|audio_start|>, then audio until an end-of-audio frame; <|im_end|> is
-    yielded and ends the turn."""
+    """Which head runs next and when the turn ends, by the official rules. interleaved (chat): runs of 6 text
+    tokens and 12 audio frames; <|text_end|> ends text for good; an end-of-audio frame switches to text;
+    <|im_end|> ends the turn, not yielded. sequential (ASR, TTS): text until <|audio_start|>, then audio until
+    an end-of-audio frame; <|im_end|> is yielded and ends the turn."""
 
     def __init__(self, mode: str, n_text: int, n_audio: int):
         if mode not in ("interleaved", "sequential"):
@@ -699,49 +678,41 @@ class Modality:
     def next(self, kind: str, value) -> tuple[bool, bool]:
         """After a generated item: (yield it, the turn is over)."""
         self.left -= 1
+        if kind == "text" and value == IM_END:
+            return not self.interleaved, True
         if kind == "audio":
             if self.interleaved and not self.left and not self.text_done:
                 self.text, self.left = True, self.n_text
-            if value[0] == END_OF_AUDIO:  # codebook 0 decides; audio_step made the whole frame 2048
-                self.text = True
-            return True, False
-        if value == IM_END:
-            return not self.interleaved, True
-        if not self.interleaved:
+            self.text = self.text or bool(value[0] == END_OF_AUDIO)  # codebook 0 decides (then all are 2048)
+        elif not self.interleaved:
             self.text = value != AUDIO_START
-            return True, False
-        self.text_done = self.text_done or value == TEXT_END
-        if not self.left or self.text_done:
-            self.text, self.left = False, self.n_audio
+        else:
+            self.text_done = self.text_done or value == TEXT_END
+            if not self.left or self.text_done:
+                self.text, self.left = False, self.n_audio
         return True, False
 
 
 def is_end_of_audio(frame: torch.Tensor) -> bool:
-    """Whether a generated audio frame [8] is a signal to the model rather than sound: the end-of-audio code
-    in any codebook. Decoders have no code 2048, so such a frame is never decoded (as in the official demo);
-    it stays in the chat history all the same."""
+    """Whether an audio frame [8] is a signal to the model, not sound: the end-of-audio code in any codebook.
+    Decoders have no code 2048: such a frame is never decoded (as in the official demo), but stays in the chat."""
     return bool((frame == END_OF_AUDIO).any())
 
 
 def respond(model: LFM2Audio, chat: Chat, vocoder=None, mode: str = "interleaved", **generate_kw
             ) -> Iterator[tuple[str, object, torch.Tensor | None]]:
-    """The assistant's turn along the whole data path, streamed: yields ("text", id, None) and
-    ("audio", codes [8], wave [1920] at 24 kHz, or None for an end-of-audio frame or without a vocoder).
+    """The assistant's turn along the whole data path, streamed: yields ("text", id, None) and ("audio",
+    codes [8], wave [1920] at 24 kHz, or None for an end-of-audio frame or without a vocoder).
 
-        wav [T] at any rate -> 16 kHz -> log-mel [128, 1 + T/160]         Chat.add_audio (conformer.audio_features)
-        log-mel -> conformer [ceil(n/8), 512] -> adapter [ceil(n/8), 2048] LFM2Audio.embed_prompt, with text ids
-                                                                         -> embed_tokens: the prompt [1, L, 2048]
-        prompt -> LFM2 (prefill, then one step per item) -> h [2048]      LFM2Audio.prefill / decode_one
-        h -> text logits [65536] -> id, or                                LFM2Audio.text_step
-        h -> depth_linear [8, 1024] -> depthformer x 8 -> codes [8]       LFM2Audio.audio_step
-        codes [1, 8, 1] -> decoder (streaming) -> wave [1920] at 24 kHz  vocoder.decode_step (mimi.Mimi)
-    """
+      wav [T] -> 16 kHz -> log-mel [128, n = 1 + T/160]           Chat.add_audio
+      log-mel -> conformer [n/8, 512] -> adapter [n/8, 2048]     embed_prompt (text ids -> embed_tokens)
+      prompt [1, L, 2048] -> LFM2 -> h [2048] per item            prefill, then decode_one
+      h -> text logits -> id | depthformer x 8 -> codes [8]       text_step | audio_step
+      codes [1, 8, 1] -> decoder, streaming -> wave [1920]        vocoder.decode_step (mimi.Mimi)"""
     stream = vocoder.new_stream(1) if vocoder is not None else None
     for kind, value in model.generate(chat, mode, **generate_kw):
-        wave = None
-        if stream is not None and kind == "audio" and not is_end_of_audio(value):
-            wave = vocoder.decode_step(value.view(1, -1, 1), stream)[0, 0]  # [1920]
-        yield kind, value, wave
+        sound = stream is not None and kind == "audio" and not is_end_of_audio(value)
+        yield kind, value, vocoder.decode_step(value.view(1, -1, 1), stream)[0, 0] if sound else None
 
 
 def checkpoint_folder(repo_id_or_path: str | Path) -> Path:

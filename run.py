@@ -220,26 +220,20 @@ def answer(model: LFM2Audio, decoder: Mimi | None, chat: Chat, args, wav_path: P
     max_new = min(args.max_new_tokens, room)
     if max_new < args.max_new_tokens:
         print(f"note: answer limited to {max_new} tokens by the context of {args.context}", file=sys.stderr)
-    prompt_ids = list(chat.text)
-    items = []
-    printer = TextPrinter(model.tokenizer)
+    prompt_ids, items, printer = list(chat.text), [], TextPrinter(model.tokenizer)
     audio = AudioWriter(wav_path) if decoder is not None else None
     t0 = time.perf_counter()
     first_text = first_audio = None
     try:
         for kind, value, wave in respond(model, chat, decoder, GENERATION[args.mode], max_new_tokens=max_new,
                                          **sampling(args)):
+            items.append((kind, value if kind == "text" else value.tolist()))
             if kind == "text":
-                if first_text is None:
-                    first_text = time.perf_counter() - t0
+                first_text = first_text or time.perf_counter() - t0
                 printer.add(value)
-                items.append(("text", value))
-            else:
-                items.append(("audio", value.tolist()))
-                if wave is not None:  # None: an end-of-audio frame, a signal to the model, not sound
-                    audio.write(wave)
-                    if first_audio is None:
-                        first_audio = time.perf_counter() - t0
+            elif wave is not None:  # None: an end-of-audio frame, a signal to the model, not sound
+                audio.write(wave)
+                first_audio = first_audio or time.perf_counter() - t0
     finally:
         if audio is not None:
             audio.close()

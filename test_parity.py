@@ -955,15 +955,18 @@ def test_lfm2audio_backbone_cached_decode(lfm2audio_pair):
 
 
 def test_lfm2audio_depthformer_frames(lfm2audio_pair):
-    """Greedy audio frames (8 codebooks through the depthformer) and their input embedding == official."""
+    """Greedy audio frames (8 codebooks through the depthformer; end of audio in codebook 0 makes the whole frame
+    2048, as the official loop does) and their input embedding == official."""
     ours, off, _ = lfm2audio_pair
     h = _lfm2audio_inputs(ours, 24, seed=2)[0] * 3
     with torch.no_grad():
         for i in range(h.shape[0]):
-            got, ref = ours.sample_audio_frame(h[i]), off._sample_audio_frame(h[i])
+            (got, got_emb), ref = ours.audio_step(h[i], None, None), off._sample_audio_frame(h[i])
+            if ref[0] == END_OF_AUDIO:
+                ref[:] = END_OF_AUDIO
             assert got.tolist() == ref.tolist(), f"frame {i}: {got.tolist()} != {ref.tolist()}"
             emb = off.audio_embedding(ref + off.codebook_offsets).sum(0)
-            _lfm2audio_close(ours.embed_audio_out(got[:, None])[0], emb, "audio-out embedding")
+            _lfm2audio_close(got_emb[0, 0], emb, "audio-out embedding")
 
 
 @pytest.mark.parametrize("mode", ["interleaved", "sequential"])
