@@ -229,9 +229,10 @@ class Detokenizer(nn.Module):
         _check_codes(codes)
         if codes.shape[0] != stream.batch_size:
             raise ValueError(f"codes batch size {codes.shape[0]} does not match the stream's {stream.batch_size}")
+        if codes.shape[-1] == 0:
+            return stream.overlap.new_zeros(codes.shape[0], 1, 0)
         codes = codes.to(device=self.lin.weight.device, dtype=torch.long)
-        pieces = [self._decode_piece(c, stream) for c in codes.split(WHOLE_PIECE_FRAMES, dim=-1)]
-        return torch.cat([stream.overlap.new_zeros(codes.shape[0], 1, 0), *pieces], dim=-1)
+        return torch.cat([self._decode_piece(c, stream) for c in codes.split(WHOLE_PIECE_FRAMES, dim=-1)], dim=-1)
 
     @torch.no_grad()
     def flush(self, stream: DetokenizerStream) -> Tensor:
