@@ -123,8 +123,8 @@ class Embedding(nn.Module):
 
 class ISTFT(nn.Module):
     """Keys istft.*: the analysis window (periodic Hann, stored in the file). The inverse real DFT of each step
-    is one matmul with a basis built from that window (`make_basis`): real tensors only, so it runs on every
-    backend (complex support on MPS is partial), and for 6 steps a frame a matmul costs what an FFT does."""
+    is one matmul with a basis built from that window (`make_basis`): real tensors only, so no backend needs
+    complex or FFT support, and for 6 steps a frame a matmul costs about what an FFT does."""
 
     def __init__(self):
         super().__init__()
@@ -156,8 +156,8 @@ class DetokenizerStream:
     """What the detokenizer carries between calls, preallocated by `new_stream`, updated in place."""
     steps: int  # spectrogram steps decoded so far (6 per frame): the next step's RoPE position
     state: list  # per layer: conv inputs [B, kernel-1, D] or attention window [2, B, KV, W-1, hd]
-    overlap: Tensor  # [B, N_FFT - HOP] overlap-added samples past the finished ones
-    envelope: Tensor  # [N_FFT - HOP] the same for the squared window (the divisor)
+    overlap: Tensor  # [B, N_FFT/HOP - 1, HOP] overlap-added samples past the finished ones, in hops
+    envelope: Tensor  # [N_FFT/HOP - 1, HOP] the same for the squared window (the divisor)
 
     @property
     def batch_size(self) -> int:
@@ -211,8 +211,8 @@ class Detokenizer(nn.Module):
         cfg, head_dim = self.cfg, self.cfg.dim // self.cfg.n_heads
         state = [w.new_zeros(batch_size, cfg.conv_kernel - 1, cfg.dim) if t == "conv" else
                  w.new_zeros(2, batch_size, cfg.n_kv_heads, self.window - 1, head_dim) for t in cfg.layer_types]
-        tail = N_FFT - HOP
-        return DetokenizerStream(steps=0, state=state, overlap=w.new_zeros(batch_size, tail, dtype=torch.float32),
+        tail = (N_FFT // HOP - 1, HOP)
+        return DetokenizerStream(steps=0, state=state, overlap=w.new_zeros(batch_size, *tail, dtype=torch.float32),
                                  envelope=w.new_zeros(tail, dtype=torch.float32))
 
     @torch.no_grad()
@@ -240,7 +240,7 @@ class Detokenizer(nn.Module):
         decoded no frame."""
         if stream.steps == 0:
             return stream.overlap.new_zeros(stream.batch_size, 1, 0)
-        return (stream.overlap[:, :DELAY] / stream.envelope[:DELAY])[:, None]
+        return (stream.overlap / stream.envelope).flatten(1)[:, None, :DELAY]
 
     def _decode_piece(self, codes: Tensor, stream: DetokenizerStream) -> Tensor:  # [B, 8, t] -> [B, 1, <=1920 t]
         x = self.emb(codes).repeat_interleave(UPSAMPLE, dim=1)  # [B, 6t, D]: nearest-exact x6
@@ -270,18 +270,20 @@ class Detokenizer(nn.Module):
 
     def _overlap_add(self, frames: Tensor, stream: DetokenizerStream) -> Tensor:
         """Windowed frames [B, n, N_FFT] at hop HOP, after the stream's overlap -> the HOP n samples now
-        complete, divided by the overlap-added squared window; the rest waits in the stream."""
+        complete, divided by the overlap-added squared window; the rest waits in the stream. Shifted adds of
+        hop-sized blocks: elementwise ops only, like the rest of the inverse STFT."""
         B, n, _ = frames.shape
-        length = (n - 1) * HOP + N_FFT
-        y = F.fold(frames.mT, (1, length), (1, N_FFT), stride=(1, HOP)).view(B, length)
-        env = F.fold(self.istft.window.square()[None, :, None].expand(1, N_FFT, n), (1, length), (1, N_FFT),
-                     stride=(1, HOP)).view(length)
-        tail = N_FFT - HOP
-        y[:, :tail] += stream.overlap
-        env[:tail] += stream.envelope
-        stream.overlap.copy_(y[:, -tail:])
-        stream.envelope.copy_(env[-tail:])
-        return y[:, :HOP * n] / env[:HOP * n]
+        k = N_FFT // HOP  # a frame spans 4 hops: its r-th hop lands on hop t + r
+        blocks, squares = frames.view(B, n, k, HOP), self.istft.window.square().view(k, HOP)
+        y, env = frames.new_zeros(B, n + k - 1, HOP), frames.new_zeros(n + k - 1, HOP)
+        for r in range(k):
+            y[:, r:r + n] += blocks[:, :, r]
+            env[r:r + n] += squares[r]
+        y[:, :k - 1] += stream.overlap
+        env[:k - 1] += stream.envelope
+        stream.overlap.copy_(y[:, n:])
+        stream.envelope.copy_(env[n:])
+        return (y[:, :n] / env[:n]).flatten(1)
 
 
 def _check_state(expected: dict, state: dict, name) -> None:
