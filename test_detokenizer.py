@@ -183,3 +183,21 @@ def test_run_lfm25_missing_detokenizer_weights(lfm25_ckpt, tmp_path):
     (folder / DETOK / "model.safetensors").unlink()
     _run_error(["--model", folder, "--text", "Hi", "--device", "cpu"], tmp_path, "detokenizer weights not found")
 
+
+
+def test_download_includes_the_detokenizer(monkeypatch, lfm25_ckpt):
+    """A repo id downloads `audio_detokenizer/` with the other files (LFM2.5-Audio; LFM2-Audio has none)."""
+    import huggingface_hub
+
+    import lfm2audio
+
+    asked = {}
+
+    def fake_download(repo_id, allow_patterns):
+        asked.update(repo_id=repo_id, patterns=allow_patterns)
+        return str(lfm25_ckpt)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    assert lfm2audio.checkpoint_folder("LiquidAI/LFM2.5-Audio-1.5B") == lfm25_ckpt
+    assert asked["repo_id"] == "LiquidAI/LFM2.5-Audio-1.5B"
+    assert f"{DETOK}/*" in asked["patterns"] and "model.safetensors" in asked["patterns"]
