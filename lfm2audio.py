@@ -40,6 +40,8 @@ NORM_EPS = 1e-5  # the official depthformer and embedding norms
 
 MIMI_FILE = "tokenizer-e351c8d8-checkpoint125.safetensors"
 CHECKPOINT_FILES = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", MIMI_FILE]
+DETOKENIZER_DIR = "audio_detokenizer"  # LFM2.5-Audio's LFM2 vocoder (detokenizer.py); absent in LFM2-Audio
+DOWNLOAD_PATTERNS = CHECKPOINT_FILES + [f"{DETOKENIZER_DIR}/*"]
 
 
 def swiglu_width(ff_dim: int, multiplier: float | None = 1.0, multiple_of: int = 256) -> int:
@@ -187,15 +189,17 @@ class ShortConv(nn.Module):
         self.out_proj = nn.Linear(dim, dim, bias=False)
         self.register_buffer("state", None, persistent=False)  # [1, kernel-1, dim], made by setup_caches
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [1, T, D]
+    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None) -> torch.Tensor:  # x [B, T, D]
+        """`state` [B, kernel-1, D]: a caller's own conv state (the audio detokenizer's streams); default ours."""
+        state = self.state if state is None else state
         t = x.shape[1]
-        b, c, xx = self.in_proj(x).chunk(3, dim=-1)  # each [1, T, D]
-        window = torch.cat([self.state, b * xx], dim=1)  # [1, kernel-1+T, D]: the state is the left padding
-        self.state.copy_(window[:, -(self.kernel - 1):])
+        b, c, xx = self.in_proj(x).chunk(3, dim=-1)  # each [B, T, D]
+        window = torch.cat([state, b * xx], dim=1)  # [B, kernel-1+T, D]: the state is the left padding
+        state.copy_(window[:, -(self.kernel - 1):])
         # the depthwise conv as kernel shifted products, time-major: conv1d on a one-step window is a slow
         # path on CPU (~20 ms per layer), and this needs no transposes
         taps = self.conv.weight[:, 0]  # [D, kernel]
-        y = sum(window[:, j:j + t] * taps[:, j] for j in range(self.kernel))  # [1, T, D]
+        y = sum(window[:, j:j + t] * taps[:, j] for j in range(self.kernel))  # [B, T, D]
         return self.out_proj(c * y)
 
 
@@ -702,17 +706,20 @@ def is_end_of_audio(frame: torch.Tensor) -> bool:
 def respond(model: LFM2Audio, chat: Chat, vocoder=None, mode: str = "interleaved", **generate_kw
             ) -> Iterator[tuple[str, object, torch.Tensor | None]]:
     """The assistant's turn along the whole data path, streamed: yields ("text", id, None) and ("audio",
-    codes [8], wave [1920] at 24 kHz, or None for an end-of-audio frame or without a vocoder).
+    codes [8], wave [n] at 24 kHz, or None for an end-of-audio frame or without a vocoder); with a vocoder,
+    last ("tail", None, wave): what it held back (the LFM2 detokenizer's last 480 samples; none for Mimi).
 
       wav [T] -> 16 kHz -> log-mel [128, n = 1 + T/160]           Chat.add_audio
       log-mel -> conformer [n/8, 512] -> adapter [n/8, 2048]     embed_prompt (text ids -> embed_tokens)
       prompt [1, L, 2048] -> LFM2 -> h [2048] per item            prefill, then decode_one
       h -> text logits -> id | depthformer x 8 -> codes [8]       text_step | audio_step
-      codes [1, 8, 1] -> decoder, streaming -> wave [1920]        vocoder.decode_step (mimi.Mimi)"""
+      codes [1, 8, 1] -> decoder, streaming -> wave [1920]        vocoder.decode_step (Mimi, Detokenizer)"""
     stream = vocoder.new_stream(1) if vocoder is not None else None
     for kind, value in model.generate(chat, mode, **generate_kw):
         sound = stream is not None and kind == "audio" and not is_end_of_audio(value)
         yield kind, value, vocoder.decode_step(value.view(1, -1, 1), stream)[0, 0] if sound else None
+    if stream is not None:
+        yield "tail", None, vocoder.flush(stream)[0, 0]
 
 
 def checkpoint_folder(repo_id_or_path: str | Path) -> Path:
@@ -726,7 +733,7 @@ def checkpoint_folder(repo_id_or_path: str | Path) -> Path:
         raise FileNotFoundError(f"{name}: no such checkpoint folder (nor a Hugging Face repo id owner/name)")
     from huggingface_hub import snapshot_download
     try:
-        return Path(snapshot_download(name, allow_patterns=CHECKPOINT_FILES))
+        return Path(snapshot_download(name, allow_patterns=DOWNLOAD_PATTERNS))
     except (OSError, ValueError) as e:  # offline cache miss, unknown repo, network down (hub errors are OSErrors)
         raise FileNotFoundError(f"{name}: could not get the checkpoint from Hugging Face "
                                 f"({type(e).__name__}: {e})") from None

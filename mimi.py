@@ -342,6 +342,11 @@ class Mimi(nn.Module):
             raise ValueError(f"codes batch size {codes.shape[0]} does not match the stream's {stream.batch_size}")
         return self._decode(codes, stream)
 
+    def flush(self, stream: MimiStream) -> Tensor:
+        """End a stream: nothing is held back (every layer is causal), so [B, 1, 0]; here for the interface
+        run.py shares with the LFM2 detokenizer, whose inverse STFT needs a tail."""
+        return stream.kv.new_zeros(stream.batch_size, 1, 0)
+
     def _decode(self, codes: Tensor, stream: MimiStream) -> Tensor:
         if codes.shape[-1] == 0:
             return stream.kv.new_zeros(codes.shape[0], 1, 0)
