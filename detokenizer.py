@@ -29,19 +29,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from lfm2audio import Attention, Config, LFM2Block, RMSNorm, rope_rotate_half, swiglu_width
+from lfm2audio import Attention, Config, LFM2Block, RMSNorm, check_state_dict, rope_rotate_half, swiglu_width
+from mimi import CARDINALITY, N_CODEBOOKS, check_codes
 
-SAMPLE_RATE = 24000
-N_CODEBOOKS = 8
-CARDINALITY = 2048  # codes 0..2047; the LM's 2048 (end of audio) is not a code
 UPSAMPLE = 6  # spectrogram steps per 80 ms frame
 N_FFT, HOP = 1280, 320
 N_BINS = N_FFT // 2 + 1  # 641
 FRAME_SIZE = UPSAMPLE * HOP  # 1920 samples per frame
 DELAY = (N_FFT - HOP) // 2  # 480: the "same" padding, trimmed at both ends; the stream's lag in samples
 WHOLE_PIECE_FRAMES = 125  # `decode` streams in pieces of 10 s: same samples, attention memory bounded
-
-_INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
 def config_from_dict(d: dict) -> tuple[Config, int]:
@@ -195,7 +191,7 @@ class Detokenizer(nn.Module):
             state = load_file(str(weights), device=str(device))
         except SafetensorError as e:
             raise ValueError(f"{weights}: unreadable safetensors file ({e})") from None
-        _check_state(model.state_dict(), state, weights)
+        check_state_dict(model.state_dict(), state, weights)
         model.load_state_dict(state, strict=True, assign=True)
         for part in (model.emb, model.lfm, model.lin):  # the window stays as stored (float32)
             part.to(dtype=dtype)
@@ -218,7 +214,7 @@ class Detokenizer(nn.Module):
     @torch.no_grad()
     def decode(self, codes: Tensor) -> Tensor:
         """codes [B, 8, T] (0..2047) -> waveform [B, 1, 1920 T] at 24 kHz, float32."""
-        _check_codes(codes)
+        check_codes(codes, "detokenizer")
         stream = self.new_stream(codes.shape[0])
         return torch.cat([self.decode_step(codes, stream), self.flush(stream)], dim=-1)
 
@@ -226,7 +222,7 @@ class Detokenizer(nn.Module):
     def decode_step(self, codes: Tensor, stream: DetokenizerStream) -> Tensor:
         """The next frames of a stream: codes [B, 8, t] -> [B, 1, 1920 t] samples, DELAY behind: the first
         call with frames returns DELAY fewer, `flush` the last DELAY."""
-        _check_codes(codes)
+        check_codes(codes, "detokenizer")
         if codes.shape[0] != stream.batch_size:
             raise ValueError(f"codes batch size {codes.shape[0]} does not match the stream's {stream.batch_size}")
         if codes.shape[-1] == 0:
@@ -284,25 +280,3 @@ class Detokenizer(nn.Module):
         stream.overlap.copy_(y[:, n:])
         stream.envelope.copy_(env[n:])
         return (y[:, :n] / env[:n]).flatten(1)
-
-
-def _check_state(expected: dict, state: dict, name) -> None:
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})"
-             for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    problems = [f"{what}: {', '.join(names[:8])}" + (f" (+{len(names) - 8} more)" if len(names) > 8 else "")
-                for what, names in (("missing tensors", missing), ("unexpected tensors", unexpected),
-                                    ("wrong shapes", wrong)) if names]
-    if problems:
-        raise ValueError(f"{name}: " + "; ".join(problems))
-
-
-def _check_codes(codes: Tensor) -> None:
-    if not isinstance(codes, Tensor) or codes.dtype not in _INT_DTYPES:
-        raise ValueError(f"detokenizer codes must be an integer torch.Tensor, got {getattr(codes, 'dtype', type(codes))}")
-    if codes.ndim != 3 or codes.shape[1] != N_CODEBOOKS:
-        raise ValueError(f"detokenizer codes must have shape [batch, {N_CODEBOOKS}, frames], got {list(codes.shape)}")
-    if codes.numel() and (codes.min() < 0 or codes.max() >= CARDINALITY):
-        raise ValueError(f"detokenizer codes must be in 0..{CARDINALITY - 1}, got values in "
-                         f"{codes.min().item()}..{codes.max().item()} (2048 = end of audio is not decodable)")

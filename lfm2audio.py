@@ -106,6 +106,19 @@ class Config:
 
 # ---- shared pieces ----
 
+def check_state_dict(expected: dict, state: dict, name) -> None:
+    """One ValueError naming the missing, unexpected and mis-shaped tensors of `state`, if any."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})"
+             for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    problems = [f"{what}: {', '.join(names[:8])}" + (f" (+{len(names) - 8} more)" if len(names) > 8 else "")
+                for what, names in (("missing tensors", missing), ("unexpected tensors", unexpected),
+                                    ("wrong shapes", wrong)) if names]
+    if problems:
+        raise ValueError(f"{name}: " + "; ".join(problems))
+
+
 class RMSNorm(nn.Module):
     """RMSNorm computed in fp32. The two official implementations apply the weight at different precisions
     (transformers after casting back, the depthformer before), which matters in bf16; `weight_in_fp32` picks."""
@@ -528,15 +541,7 @@ class LFM2Audio(nn.Module):
                 state[b] = state[a]
             elif b in state and a not in state:
                 state[a] = state[b]
-        missing = [k for k in expected if k not in state]
-        unexpected = [k for k in state if k not in expected]
-        wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})"
-                 for k, v in expected.items() if k in state and state[k].shape != v.shape]
-        problems = [f"{what}: {', '.join(names[:8])}" + (f" (+{len(names) - 8} more)" if len(names) > 8 else "")
-                    for what, names in (("missing tensors", missing), ("unexpected tensors", unexpected),
-                                        ("wrong shapes", wrong)) if names]
-        if problems:
-            raise ValueError(f"{name}: " + "; ".join(problems))
+        check_state_dict(expected, state, name)
         self.load_state_dict(state, strict=True)
 
     def _tied_pairs(self) -> list[tuple[str, str]]:
