@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
@@ -381,7 +381,7 @@ class Depthformer(nn.Module):
             self.register_buffer(name, None, persistent=False)
 
     def setup_caches(self):
-        w = self.layers[0].operator.qkv_proj.weight
+        w = self.layers[0].operator_norm.weight  # the model's dtype and device (the linears may be int8)
         head_dim = self.layers[0].operator.head_dim
         # fp32 whatever the model dtype: the official table is complex64 and is not cast with the model
         inv_freq = 1.0 / (DEPTH_ROPE_THETA ** (torch.arange(0, head_dim, 2).float() / head_dim))
@@ -546,10 +546,11 @@ class LFM2Audio(nn.Module):
 
     @classmethod
     def from_pretrained(cls, repo_id_or_path: str | Path, device="cpu", dtype=torch.float32,
-                        max_seq_len: int = 4096, compile: bool = False) -> "LFM2Audio":
+                        max_seq_len: int = 4096, compile: bool = False, quantize: str | None = None
+                        ) -> "LFM2Audio":
         """Load a checkpoint folder, or a Hugging Face repo id (downloads only the files needed; honours
         HF_HUB_OFFLINE), cast to `dtype` on `device`, with caches for `max_seq_len` positions; `compile`:
-        see `compile_decode()`."""
+        see `compile_decode()`; `quantize="int8"`: see `load_int8`."""
         folder = checkpoint_folder(repo_id_or_path)
         cfg = Config.from_file(folder / "config.json")
         weights = folder / "model.safetensors"
@@ -557,17 +558,22 @@ class LFM2Audio(nn.Module):
             raise FileNotFoundError(f"{weights}: model weights not found")
         # built on the meta device, then allocated uninitialised: every tensor is overwritten by the load,
         # and random init of 1.5B parameters would take longer than the load itself
+        if quantize not in (None, "int8"):
+            raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
         with torch.device("meta"):
             model = cls(cfg)
-        model = model.to(dtype=dtype).to_empty(device=device)
-        for m in model.modules():  # moving off meta made separate copies of tied weights
-            if isinstance(m, SharedEmbedding):
-                m.tie_weights()
-        try:
-            state = load_file(str(weights), device=str(device))
-        except SafetensorError as e:  # the reader's message does not name the file
-            raise ValueError(f"{weights}: unreadable safetensors file ({e})") from None
-        model.load_checkpoint(state, name=str(weights))
+        if quantize:
+            model = load_int8(model.to(dtype=dtype), weights, device)
+        else:
+            model = model.to(dtype=dtype).to_empty(device=device)
+            for m in model.modules():  # moving off meta made separate copies of tied weights
+                if isinstance(m, SharedEmbedding):
+                    m.tie_weights()
+            try:
+                state = load_file(str(weights), device=str(device))
+            except SafetensorError as e:  # the reader's message does not name the file
+                raise ValueError(f"{weights}: unreadable safetensors file ({e})") from None
+            model.load_checkpoint(state, name=str(weights))
         tok = folder / "tokenizer.json"
         if not tok.is_file():
             raise FileNotFoundError(f"{tok}: text tokenizer not found")
@@ -662,6 +668,8 @@ class LFM2Audio(nn.Module):
         return self.lfm(x, input_pos)[0, -1]
 
     def text_logits(self, h: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "text_head"):  # an int8 copy of the tied embedding (quantize)
+            return self.text_head(h)
         return F.linear(h, self.embed_tokens_weight)  # tied to the input embedding
 
     # -- one generated item, on the device: sampled ids and the next input embedding, no host sync --
@@ -818,3 +826,132 @@ def checkpoint_folder(repo_id_or_path: str | Path) -> Path:
     except (OSError, ValueError) as e:  # offline cache miss, unknown repo, network down (hub errors are OSErrors)
         raise FileNotFoundError(f"{name}: could not get the checkpoint from Hugging Face "
                                 f"({type(e).__name__}: {e})") from None
+
+
+# ---- int8 weight-only quantization (from_pretrained(..., quantize="int8")) ----
+# gpt-fast's scheme: symmetric int8 weights, one scale per output channel, activations left as they are.
+# Decoding reads every weight once per step, so a quarter of fp32's bytes is the whole speed-up.
+
+INT8_ROWS = 4096  # rows quantized at a time: the fp32 temporaries of a 65536-row table would be ~1 GB
+
+
+def int8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] float -> (q [N, K] int8, scales [N] fp32) with w ~= q * scales[:, None]; +-127, so that
+    -w quantizes to -q."""
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    scales = torch.empty(w.shape[0], device=w.device)
+    for i in range(0, w.shape[0], INT8_ROWS):
+        rows = w[i:i + INT8_ROWS].float()
+        s = rows.abs().amax(1).clamp(min=1e-12) / 127  # an all-zero row gets zeros, not NaNs
+        q[i:i + INT8_ROWS] = torch.round(rows / s[:, None]).clamp(-127, 127)
+        scales[i:i + INT8_ROWS] = s
+    return q, scales
+
+
+class Int8Linear(nn.Module):
+    """y = (x @ q.T) * scales (+ bias), q int8 [N, K]. On the CPU the int8 kernel `_weight_int8pack_mm`
+    with `scales` in bf16 (its fast path: with fp32 activations it runs ~6x slower), the activations cast to
+    and from them; elsewhere dequantize-then-matmul, which torch.compile fuses into one kernel."""
+
+    def __init__(self, out_features: int, in_features: int, scale_dtype: torch.dtype,
+                 bias: torch.Tensor | None = None):
+        super().__init__()
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scales", torch.empty(out_features, dtype=scale_dtype))
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def load_float(self, w: torch.Tensor):
+        """Quantize float weights w [N, K] into this layer."""
+        q, scales = int8_per_channel(w)
+        self.weight.copy_(q)
+        self.scales.copy_(scales)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., K] -> [..., N]
+        if self.weight.is_cpu:
+            x2 = x.reshape(-1, x.shape[-1]).to(self.scales.dtype)  # the kernel takes 2-D input only
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales).view(*x.shape[:-1], -1).to(x.dtype)
+        else:
+            y = F.linear(x, self.weight.to(x.dtype)) * self.scales
+        return y if self.bias is None else y + self.bias
+
+
+def quantize(model: LFM2Audio, scale_dtype: torch.dtype) -> LFM2Audio:
+    """Swap the linear layers decoding reads (backbone blocks, depth_linear, depthformer, codebook heads) for
+    Int8Linear, quantizing their weights (on the meta device: only the shapes), and add `text_head`, an int8
+    copy of the tied text logits. The embeddings, norms, encoder and adapter stay as they are."""
+    for parent_name, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            full = f"{parent_name}.{name}".lstrip(".")
+            if isinstance(child, nn.Linear) and full.startswith(("lfm.layers.", "depth")):
+                setattr(parent, name, _int8_from(child.weight, child.bias, scale_dtype))
+    model.text_head = _int8_from(model.embed_tokens_weight, None, scale_dtype)
+    return model
+
+
+def _int8_from(weight: torch.Tensor, bias: torch.Tensor | None, scale_dtype: torch.dtype) -> Int8Linear:
+    with torch.device(weight.device):
+        layer = Int8Linear(*weight.shape, scale_dtype, bias)
+    if weight.device.type != "meta":
+        with torch.no_grad():
+            layer.load_float(weight)
+    return layer
+
+
+SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I64": torch.int64}
+
+
+def read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of a safetensors file, one tensor at a time, in file order, read with plain reads: a
+    memory map (as safetensors' own reader uses) would leave the whole file in this process's RSS."""
+    with open(path, "rb") as f:
+        try:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+            entries = sorted((v["data_offsets"][0], k, v) for k, v in header.items() if k != "__metadata__")
+            for begin, name, v in entries:
+                end = v["data_offsets"][1]
+                buf = torch.empty(end - begin, dtype=torch.uint8)
+                f.seek(8 + n + begin)
+                if f.readinto(buf.numpy()) != end - begin:
+                    raise ValueError("truncated")
+                yield name, buf.view(SAFETENSORS_DTYPES[v["dtype"]]).view(v["shape"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:  # bad header, unknown dtype, short file
+            raise ValueError(f"{path}: unreadable safetensors file ({type(e).__name__}: {e})") from None
+
+
+def load_int8(model: LFM2Audio, weights: Path, device) -> LFM2Audio:
+    """`model` (float, on the meta device) filled from the safetensors file `weights`, its decode linears
+    quantized to int8 (`quantize`) as each tensor is read: peak memory is the int8 model plus one float tensor
+    (about 2 GB for the 1.5B model in bf16, where reading the whole file first would take 3 GB more).
+    On the CPU the int8 matmuls run with bf16 activations whatever the model dtype (see Int8Linear)."""
+    device = torch.device(device)
+    try:
+        with safe_open(str(weights), framework="pt") as f:  # the header only
+            shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    except SafetensorError as e:  # the reader's message does not name the file
+        raise ValueError(f"{weights}: unreadable safetensors file ({e})") from None
+    # names and shapes checked as a plain load checks them, with meta tensors: nothing is read yet
+    model.load_checkpoint({k: torch.empty(shape, device="meta") for k, shape in shapes.items()}, name=str(weights))
+    sources = {k: k for k in model.state_dict()}  # each tensor of the model -> its name in the file
+    for a, b in model._tied_pairs():  # a tied pair may be stored once
+        sources[a] = sources[b] = a if a in shapes else b
+    sources["text_head.weight"] = sources["lfm.embed_tokens.weight"]
+    targets = {}  # name in the file -> the model tensors it fills
+    for target, source in sources.items():
+        targets.setdefault(source, []).append(target)
+    scale_dtype = torch.bfloat16 if device.type == "cpu" else model.embed_tokens_weight.dtype
+    model = quantize(model, scale_dtype).to_empty(device=device)
+    for m in model.modules():  # tied weights left float (none by default) were copied apart by to_empty
+        if isinstance(m, SharedEmbedding) and isinstance(m.to_logits, nn.Linear):
+            m.tie_weights()
+    with torch.no_grad():
+        for name, tensor in read_safetensors(weights):
+            tensor = tensor.to(device)
+            for target in targets.get(name, []):
+                owner, _, attr = target.rpartition(".")
+                module = model.get_submodule(owner)
+                if isinstance(module, Int8Linear) and attr == "weight":
+                    module.load_float(tensor)
+                else:
+                    getattr(module, attr).copy_(tensor)
+    return model
