@@ -1386,8 +1386,9 @@ RUN_WAV_ATOL = 1e-4  # streamed wav vs the official whole-sequence Mimi decode: 
 
 def _run_cli(args, cwd: Path, stdin: str | None = None, **env) -> subprocess.CompletedProcess:
     environment = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"} | env
-    return subprocess.run([sys.executable, str(RUN_PY), *map(str, args)], cwd=cwd, input=stdin or "",
-                          capture_output=True, text=True, timeout=900, env=environment)
+    # float32, as the official reference runs (--dtype auto is bf16 on CPUs with native bf16)
+    return subprocess.run([sys.executable, str(RUN_PY), "--dtype", "float32", *map(str, args)], cwd=cwd,
+                          input=stdin or "", capture_output=True, text=True, timeout=900, env=environment)
 
 
 def _run_ok(args, cwd: Path, stdin: str | None = None) -> subprocess.CompletedProcess:
