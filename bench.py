@@ -2,7 +2,9 @@
 JSON line (so that results can be collected by a script).
 
     python bench.py tokenizer [--tokenizer path/to/tokenizer.json] [--megabytes 1] [--repeat 3]
-    python bench.py decode [--model DIR] [--device cpu] [--dtype float32] [--steps 48] [--compile]
+    python bench.py decode [--model DIR] [--device cpu] [--dtype float32 [bfloat16]] [--steps 48] [--compile]
+                           [--quantize int8]
+    python bench.py accuracy [--model DIR] [--steps 48]
     python bench.py vocoder [--model DIR] [--device cpu] [--frames 150] [--rounds 3]
 """
 
@@ -157,12 +159,13 @@ def _matvec_bandwidth(device, repeat: int = 5) -> float:
 def _weight_bytes(model) -> dict:
     """Bytes of weights one decode step reads (embedding lookups, a few rows, left out): the backbone, plus
     the text logits (a text step) or depth_linear + 8 depthformer passes + the 8 codebook heads (a frame)."""
-    def size(module):
-        return sum(p.numel() * p.element_size() for p in module.parameters())
+    def size(module):  # the state dict: parameters and int8 weights with their scales, not the caches
+        return sum(t.numel() * t.element_size() for t in module.state_dict().values())
     backbone = size(model.lfm.layers) + size(model.lfm.embedding_norm)
     frame = size(model.depth_linear) + model.cfg.codebooks * size(model.depthformer) + sum(
         size(e.to_logits) + size(e.embedding_norm) for e in model.depth_embeddings)
-    text = model.embed_tokens_weight.numel() * model.embed_tokens_weight.element_size()
+    head = getattr(model, "text_head", None)  # an int8 copy of the tied text logits
+    text = size(head) if head is not None else model.embed_tokens_weight.numel() * model.embed_tokens_weight.element_size()
     return {"audio_step": backbone + frame, "text_step": backbone + text}
 
 
@@ -179,20 +182,26 @@ def _rss_peak_gb() -> float:
     return float("nan")
 
 
+def _run_name(name: str, dtype, quantize=None) -> str:
+    """official, ours, ours-compiled (float32); -bf16 and -int8 suffixes for the others."""
+    import torch
+
+    return name + ("-bf16" if dtype == torch.bfloat16 else "") + (f"-{quantize}" if quantize else "")
+
+
 class _Ours:
     """Our model behind the bench's interface: load, prompts, prefill, a timed generation with Mimi."""
 
     name = "ours"
 
-    def __init__(self, folder, device, dtype, context, compile=False):
+    def __init__(self, folder, device, dtype, context, compile=False, quantize=None):
         from lfm2audio import MIMI_FILE, LFM2Audio
         from mimi import Mimi
 
         self.model = LFM2Audio.from_pretrained(folder, device=device, dtype=dtype, max_seq_len=context,
-                                               compile=compile)
+                                               compile=compile, quantize=quantize)
         self.mimi = Mimi.from_file(Path(folder) / MIMI_FILE, device=device)
-        if compile:
-            self.name = "ours-compiled"
+        self.name = _run_name("ours-compiled" if compile else "ours", dtype, quantize)
 
     def prompt(self, task):
         import conformer
@@ -233,6 +242,8 @@ class _Official:
         self.model = LFM2AudioModel.from_pretrained(Path(folder), dtype=dtype, device=str(device)).eval()
         self.processor = LFM2AudioProcessor.from_pretrained(Path(folder), device=str(device)).eval()
         self.mimi = self.processor.mimi  # loaded lazily; load time counts
+        self.name = _run_name("official", dtype)
+
 
     def prompt(self, task):
         from fixtures import official_prompt
@@ -309,7 +320,7 @@ def _bench_impl(make, args) -> dict:
         chat = impl.prompt("chat")
         impl.prefill(chat)  # warm-up
         res["prefill_s"] = _median_time(lambda: impl.prefill(chat), 3)
-        if impl.name == "ours-compiled":  # compile (and warm) the decode path outside the timed runs
+        if impl.name.startswith("ours-compiled"):  # compile (and warm) the decode path outside the timed runs
             t = time.perf_counter()
             _timed_generation(impl, impl.prompt("tts"), "sequential", args.steps)
             _timed_generation(impl, chat, "interleaved", args.steps)
@@ -337,14 +348,22 @@ def bench_decode(args) -> dict:
 
     from fixtures import FULL_CONFIG, cached_checkpoint
 
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    device = torch.device(args.device)
+    dtypes = [getattr(torch, d) for d in args.dtype]
     folder = Path(args.model) if args.model else cached_checkpoint(FULL_CONFIG, 0)
     makers = []
-    if not args.no_official:
-        makers.append(lambda: _Official(folder, device, dtype, args.context))
-    makers.append(lambda: _Ours(folder, device, dtype, args.context))
-    if args.compile:
-        makers.append(lambda: _Ours(folder, device, dtype, args.context, compile=True))
+    for dtype in dtypes:  # each dtype: official, ours, ours compiled
+        if not args.no_official:
+            makers.append(lambda dtype=dtype: _Official(folder, device, dtype, args.context))
+        if not args.int8_only:
+            makers.append(lambda dtype=dtype: _Ours(folder, device, dtype, args.context))
+        if args.compile:
+            makers.append(lambda dtype=dtype: _Ours(folder, device, dtype, args.context, compile=True))
+    if args.quantize:  # in the last dtype (the int8 matmuls themselves take bf16 activations on a CPU)
+        makers.append(lambda: _Ours(folder, device, dtypes[-1], args.context, quantize=args.quantize))
+        if args.compile:
+            makers.append(lambda: _Ours(folder, device, dtypes[-1], args.context, compile=True,
+                                        quantize=args.quantize))
     with open("/tmp/lfm2audio-bigmem.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # full-size models: one big-memory job on the machine at a time
         bandwidth = [_matvec_bandwidth(device)]
@@ -357,7 +376,14 @@ def bench_decode(args) -> dict:
     bw = statistics.median(bandwidth)
     runs = results
     ref_items = runs[next(iter(runs))][0]["items"]
-    same = all(r["items"] == ref_items for rs in runs.values() for r in rs)
+    # greedy items are equal only at equal precision: the float32 runs must agree exactly; the others are
+    # reported by how many leading items they share with the first run (bench.py accuracy measures them)
+    exact = [n for n in runs if "bf16" not in n and "int8" not in n]
+    same = all(r["items"] == ref_items for n in exact for r in runs[n])
+
+    def prefix(items):  # leading items equal to the first run's, TTS and chat together
+        return sum(next((i for i, (a, b) in enumerate(zip(items[k], ref_items[k])) if a != b),
+                        min(len(items[k]), len(ref_items[k]))) for k in ("tts", "chat"))
 
     def med(name, *path):
         vals = []
@@ -369,7 +395,8 @@ def bench_decode(args) -> dict:
                 vals.append(v)
         return statistics.median(vals) if vals else None
 
-    wb = runs["ours"][0]["weight_bytes"]
+    ours = [n for n in runs if n.startswith("ours")]
+    wb = runs[ours[0]][0]["weight_bytes"]
     floor = {"audio_step_s": wb["audio_step"] / bw, "text_step_s": wb["text_step"] / bw}
     metrics = [("load_s", ("load_s",)), ("prefill_s", ("prefill_s",)), ("ttfa_s", ("ttfa_s",)),
                ("tts_frame_lm_s", ("tts", "frame_lm_s")), ("tts_frame_mimi_s", ("tts", "frame_mimi_s")),
@@ -378,11 +405,12 @@ def bench_decode(args) -> dict:
                ("chat_fps", ("chat", "fps")), ("chat_rtf", ("chat", "rtf")), ("peak_rss_gb", ("peak_rss_gb",)),
                ("compile_s", ("compile_s",))]
     table = {name: {m: med(name, *path) for m, path in metrics} for name in runs}
-    print(f"decode bench: {folder.name}, {args.device} {args.dtype}, {args.steps} greedy steps per run, "
-          f"{torch.get_num_threads()} threads, rounds {args.rounds}, same greedy items in all runs: {same}")
-    print(f"matvec bandwidth {bw / 1e9:.1f} GB/s; weights read per audio step {wb['audio_step'] / 1e9:.2f} GB "
-          f"(floor {floor['audio_step_s'] * 1e3:.0f} ms), per text step {wb['text_step'] / 1e9:.2f} GB "
-          f"(floor {floor['text_step_s'] * 1e3:.0f} ms)")
+    print(f"decode bench: {folder.name}, {args.device} {' '.join(args.dtype)}, {args.steps} greedy steps per "
+          f"run, {torch.get_num_threads()} threads, rounds {args.rounds}, same greedy items in the float32 runs: "
+          f"{same}")
+    print(f"matvec bandwidth {bw / 1e9:.1f} GB/s (fp32); weights read per audio step, text step (GB): " + ", ".join(
+        f"{n} {runs[n][0]['weight_bytes']['audio_step'] / 1e9:.2f}, {runs[n][0]['weight_bytes']['text_step'] / 1e9:.2f}"
+        for n in ours))
     names = list(runs)
     print(f"{'metric':<18}" + "".join(f"{n:>15}" for n in names))
     for m, _ in metrics:
@@ -394,23 +422,27 @@ def bench_decode(args) -> dict:
 
     def ratio(a, b):  # b/a for times: > 1 means `ours` is faster
         return None if a is None or b is None else round(b / a, 3)
-    result = {"bench": "decode", "device": args.device, "dtype": args.dtype, "steps": args.steps,
-              "threads": torch.get_num_threads(), "same_items": same, "bandwidth_gb_s": round(bw / 1e9, 2),
-              "floor_audio_step_s": round(floor["audio_step_s"], 4), "floor_text_step_s": round(floor["text_step_s"], 4),
-              **{f"{n}_{m}": None if v is None else round(v, 4) for n in names for m, v in table[n].items()}}
-    if "official" in runs:
-        for m in ("load_s", "prefill_s", "ttfa_s", "tts_frame_lm_s", "chat_frame_lm_s", "chat_text_lm_s"):
-            for n in names[1:]:
-                result[f"speedup_{n}_{m}"] = ratio(table[n][m], table["official"][m])
-        for n in names[1:]:
-            result[f"speedup_{n}_tts_rtf"] = ratio(table[n]["tts_rtf"], table["official"]["tts_rtf"])
-            result[f"speedup_{n}_chat_rtf"] = ratio(table[n]["chat_rtf"], table["official"]["chat_rtf"])
-    for n in names:
+    result = {"bench": "decode", "device": args.device, "dtype": args.dtype, "quantize": args.quantize,
+              "steps": args.steps, "threads": torch.get_num_threads(), "same_items": same,
+              "bandwidth_gb_s": round(bw / 1e9, 2), "floor_audio_step_s": round(floor["audio_step_s"], 4),
+              "floor_text_step_s": round(floor["text_step_s"], 4),
+              **{f"{n}_{m}": None if v is None else round(v, 4) for n in names for m, v in table[n].items()},
+              **{f"{n}_prefix_items": prefix(runs[n][0]["items"]) for n in names if n not in exact}}
+    for base in ("official", "official-bf16"):  # speed-ups over the official package, per official dtype
+        if base not in runs:
+            continue
+        tag = "" if base == "official" else "_bf16"
+        for n in ours:
+            for m in ("load_s", "prefill_s", "ttfa_s", "tts_frame_lm_s", "chat_frame_lm_s", "chat_text_lm_s",
+                      "tts_rtf", "chat_rtf"):
+                result[f"speedup{tag}_{n}_{m}"] = ratio(table[n][m], table[base][m])
+    for n in ours:  # each against the floor of its own weight bytes
+        w = runs[n][0]["weight_bytes"]
         for kind in ("tts", "chat"):
             if table[n][f"{kind}_frame_lm_s"] is not None:
-                result[f"{n}_{kind}_frame_vs_floor"] = round(table[n][f"{kind}_frame_lm_s"] / floor["audio_step_s"], 3)
+                result[f"{n}_{kind}_frame_vs_floor"] = round(table[n][f"{kind}_frame_lm_s"] * bw / w["audio_step"], 3)
         if table[n]["chat_text_lm_s"] is not None:
-            result[f"{n}_text_step_vs_floor"] = round(table[n]["chat_text_lm_s"] / floor["text_step_s"], 3)
+            result[f"{n}_text_step_vs_floor"] = round(table[n]["chat_text_lm_s"] * bw / w["text_step"], 3)
     print(json.dumps(result))
     return result
 
@@ -483,7 +515,10 @@ def main(argv=None):
     p = sub.add_parser("decode", help=bench_decode.__doc__)
     p.add_argument("--model", help="checkpoint folder (default: the full-size random-weight test fixture)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
+                   help="one or more: official and ours run in each")
+    p.add_argument("--quantize", choices=["int8"], help="also ours with int8 weights, in the last --dtype")
+    p.add_argument("--int8-only", action="store_true", help="ours only with --quantize (the official in each dtype)")
     p.add_argument("--steps", type=int, default=48, help="greedy backbone steps per generation")
     p.add_argument("--context", type=int, default=4096, help="our static cache length (run.py's default)")
     p.add_argument("--compile", action="store_true", help="also run ours with the compiled decode path")
