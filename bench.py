@@ -499,6 +499,134 @@ def bench_vocoder(args) -> dict:
     for k, ts in times.items():
         result[k] = round(statistics.median(ts), 5)
         print(f"  {k:34s} {result[k] * 1e3:7.2f} ms")
+# ---- accuracy: bf16 and int8 against float32, teacher-forced ----
+
+MARGIN = 0.01  # a decision counts when float32's top-2 logit margin is above this fraction of its logit std
+ACCURACY_TASKS = ("chat", "tts")
+
+
+def teacher_forced(model, chat, items) -> dict:
+    """Replay generated `items` through `model`, every step fed the items' past rather than its own choices:
+    the logits of every decision (a text token; each codebook of an audio frame, only codebook 0 of an
+    end-of-audio frame, whose other codes are overwritten) and the backbone hidden state of every step, fp32."""
+    import torch
+
+    with torch.no_grad():
+        x = model.embed_prompt(chat)
+        h = model.prefill(x)
+        pos = torch.tensor([len(chat) - 1], device=x.device)
+        logits, hidden = [], []
+        for i, (kind, value) in enumerate(items):
+            if i:
+                pos += 1
+                h = model.decode_one(x, pos)
+            hidden.append(h.float().cpu())
+            if kind == "text":
+                logits.append(model.text_logits(h).float().cpu())
+                x = model.lfm.embed_tokens(torch.tensor([value], device=x.device))[None]
+                continue
+            codes = torch.as_tensor(value, device=x.device)  # [8]
+            d = model.depth_linear(h).view(model.cfg.codebooks, -1)  # [8, depth_dim], as sample_audio_frame
+            prev = torch.zeros_like(d[0])
+            for k, head in enumerate(model.depth_embeddings):
+                y = model.depthformer((d[k] + prev)[None, None], k)[0, 0]
+                logits.append(head.logits(y).float().cpu())
+                if codes[0] == 2048:
+                    break
+                prev = head.embedding(codes[k:k + 1])[0]
+            x = model.embed_audio_out(codes[:, None])[None]
+    return {"logits": logits, "hidden": hidden}
+
+
+def agreement(ref: dict, other: dict) -> dict:
+    """Greedy agreement of `other` with `ref` (teacher_forced results over the same items): over the decisions
+    where ref's top-2 margin is above MARGIN of its logit std, and over all; relative errors (L2 norm of the
+    difference over the norm of ref's) of logits and hidden states, mean and max."""
+    import torch
+
+    counted = agree = agree_all = 0
+    for a, b in zip(ref["logits"], other["logits"]):
+        top2 = a.topk(2).values
+        same = bool(a.argmax() == b.argmax())
+        agree_all += same
+        if top2[0] - top2[1] > MARGIN * a.std():
+            counted += 1
+            agree += same
+
+    def rel(xs, ys):
+        errs = torch.tensor([float((y - x).norm() / x.norm()) for x, y in zip(xs, ys)])
+        return round(float(errs.mean()), 5), round(float(errs.max()), 5)
+    n = len(ref["logits"])
+    (logit_mean, logit_max), (hidden_mean, hidden_max) = rel(ref["logits"], other["logits"]), rel(ref["hidden"],
+                                                                                                 other["hidden"])
+    return {"decisions": n, "counted": counted, "agreement": round(agree / counted, 4),
+            "agreement_all": round(agree_all / n, 4), "logit_rel_err_mean": logit_mean, "logit_rel_err_max": logit_max,
+            "hidden_rel_err_mean": hidden_mean, "hidden_rel_err_max": hidden_max}
+
+
+def measure_accuracy(folder: Path, steps: int, variants: dict) -> dict:
+    """Greedy float32 generations (ACCURACY_TASKS, `steps` each) replayed teacher-forced through float32 and
+    through each of `variants` ({name: from_pretrained keyword arguments}), one model in memory at a time;
+    {name: agreement(...)}, plus "float32": float32 replayed against its own greedy items (must be exact)."""
+    import torch
+
+    from fixtures import PROMPTS
+    from lfm2audio import LFM2Audio
+
+    def load(**kw):
+        return LFM2Audio.from_pretrained(folder, max_seq_len=1024, **kw)
+
+    model = load(dtype=torch.float32)
+    items = {t: [(k, v if k == "text" else v.tolist()) for k, v in
+                 model.generate(_prompt(model, t), PROMPTS[t][3], steps)] for t in ACCURACY_TASKS}
+    ref = _replay(model, items)
+    out = {"float32": agreement(ref, ref)}
+    greedy = [a.argmax() for a in ref["logits"]]  # teacher forcing float32 on its own items: its own choices
+    chosen = [c for t in ACCURACY_TASKS for k, v in items[t] for c in ([v] if k == "text" else v[:1] if v[0] == 2048 else v)]
+    out["float32"]["own_choices"] = all(int(g) == c for g, c in zip(greedy, chosen)) and len(greedy) == len(chosen)
+    del model
+    gc.collect()
+    for name, kw in variants.items():
+        model = load(**kw)
+        out[name] = agreement(ref, _replay(model, items))
+        del model
+        gc.collect()
+    return out
+
+
+def _prompt(model, task):
+    import conformer
+    from fixtures import ASSETS, build_prompt
+    from lfm2audio import Chat
+
+    return build_prompt(Chat(model.tokenizer), task, lambda path: conformer.load_audio(path))
+
+
+def _replay(model, items) -> dict:
+    runs = [teacher_forced(model, _prompt(model, t), items[t]) for t in ACCURACY_TASKS]
+    return {k: [x for r in runs for x in r[k]] for k in ("logits", "hidden")}
+
+
+def bench_accuracy(args) -> dict:
+    """Agreement of bf16 and int8 with float32, teacher-forced over the same greedy decisions (text tokens and
+    every codebook of audio frames), and the relative error of logits and hidden states."""
+    import torch
+
+    from fixtures import FULL_CONFIG, cached_checkpoint
+
+    folder = Path(args.model) if args.model else cached_checkpoint(FULL_CONFIG, 0)
+    variants = {"bfloat16": {"dtype": torch.bfloat16}, "int8": {"dtype": torch.bfloat16, "quantize": "int8"}}
+    with open("/tmp/lfm2audio-bigmem.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        res = measure_accuracy(folder, args.steps, variants)
+    print(f"accuracy vs float32: {folder.name}, tasks {', '.join(ACCURACY_TASKS)}, {args.steps} greedy steps each, "
+          f"decisions counted where float32's top-2 margin > {MARGIN:.0%} of its logit std")
+    cols = ["decisions", "counted", "agreement", "agreement_all", "logit_rel_err_mean", "logit_rel_err_max",
+            "hidden_rel_err_mean", "hidden_rel_err_max"]
+    print(f"{'':<10}" + "".join(f"{c:>20}" for c in cols))
+    for name, r in res.items():
+        print(f"{name:<10}" + "".join(f"{r[c]:>20}" for c in cols))
+    result = {"bench": "accuracy", "steps": args.steps, "margin": MARGIN, **res}
     print(json.dumps(result))
     return result
 
@@ -532,6 +660,10 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=3, help="alternate the decoders this many times")
     p.add_argument("--no-official", action="store_true", help="ours only")
     p.set_defaults(fn=bench_vocoder)
+    p = sub.add_parser("accuracy", help=bench_accuracy.__doc__)
+    p.add_argument("--model", help="checkpoint folder (default: the full-size random-weight test fixture)")
+    p.add_argument("--steps", type=int, default=48, help="greedy backbone steps per task")
+    p.set_defaults(fn=bench_accuracy)
     args = parser.parse_args(argv)
     args.fn(args)
 
