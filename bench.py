@@ -615,7 +615,9 @@ def bench_accuracy(args) -> dict:
     from fixtures import FULL_CONFIG, cached_checkpoint
 
     folder = Path(args.model) if args.model else cached_checkpoint(FULL_CONFIG, 0)
-    variants = {"bfloat16": {"dtype": torch.bfloat16}, "int8": {"dtype": torch.bfloat16, "quantize": "int8"}}
+    # int8 in a float32 model: the int8 matmuls still take bf16 inputs, everything else stays float32
+    variants = {"bfloat16": {"dtype": torch.bfloat16}, "int8": {"dtype": torch.bfloat16, "quantize": "int8"},
+                "int8-fp32": {"dtype": torch.float32, "quantize": "int8"}}
     with open("/tmp/lfm2audio-bigmem.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         res = measure_accuracy(folder, args.steps, variants)
