@@ -499,6 +499,10 @@ def bench_vocoder(args) -> dict:
     for k, ts in times.items():
         result[k] = round(statistics.median(ts), 5)
         print(f"  {k:34s} {result[k] * 1e3:7.2f} ms")
+    print(json.dumps(result))
+    return result
+
+
 # ---- accuracy: bf16 and int8 against float32, teacher-forced ----
 
 MARGIN = 0.01  # a decision counts when float32's top-2 logit margin is above this fraction of its logit std
