@@ -222,7 +222,8 @@ def test_chat_drop_oldest_exchange(chat_pair, monkeypatch):
 
 def _run_chat(args: list, stdin_lines: list, monkeypatch) -> tuple[list, object]:
     """run.py --chat in this process (stdin: the lines); returns the prefill calls and the model."""
-    args = run.parse_args(["--chat", "--greedy", "--device", "cpu", *map(str, args)])
+    # float32, as the official reference (--dtype auto is bf16 on CPUs with native bf16)
+    args = run.parse_args(["--chat", "--greedy", "--device", "cpu", "--dtype", "float32", *map(str, args)])
     model, decoder, load_s = run.load(args)
     calls = _record_prefills(model, monkeypatch)
     monkeypatch.setattr(sys, "stdin", io.StringIO("".join(f"{line}\n" for line in stdin_lines)))
