@@ -8,6 +8,8 @@ sampled on the device) have fixed shapes; `compile_decode()` compiles them (CUDA
 the end, is the whole data path of an answer, wav in to wav out; the README has an example.
 """
 
+import hashlib
+import itertools
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -37,6 +39,8 @@ END_OF_AUDIO = 2048
 DEPTH_HEADS, DEPTH_KV_HEADS = 32, 8
 DEPTH_ROPE_THETA = 1e6
 NORM_EPS = 1e-5  # the official depthformer and embedding norms
+
+PREFILL_CHUNK = 512  # positions per prefill chunk: bounds the activations and attention scores of a long prompt
 
 MIMI_FILE = "tokenizer-e351c8d8-checkpoint125.safetensors"
 CHECKPOINT_FILES = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", MIMI_FILE]
@@ -150,13 +154,14 @@ class KVCache(nn.Module):
 
 
 def attend(q, k, v, kv_cache: KVCache, input_pos, mask) -> torch.Tensor:
-    """q [1, H, T, hd], k/v [1, KV, T, hd] -> [1, T, H*hd], k/v written to the cache at input_pos. `mask`
-    None: the T tokens are a prefill from position 0 and attend causally among themselves (as the official
-    code does); else one decode step (T == 1) over the whole static cache, positions where `mask` [S] is
-    False left out."""
+    """q [1, H, T, hd], k/v [1, KV, T, hd] -> [1, T, H*hd], k/v written to the cache at input_pos first; each
+    query sees the cache's first S' positions where `mask` [T, S'] (or [S'] for T == 1) is True. T > 1: a
+    chunk of a prefill (S' its end: the history before it plus itself, causally); T == 1: a decode step over
+    the whole static cache (S' = S, fixed shapes)."""
     k_all, v_all = kv_cache.update(input_pos, k, v)
-    if mask is None:
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    if q.shape[2] > 1:
+        s = mask.shape[-1]
+        y = F.scaled_dot_product_attention(q, k_all[:, :, :s], v_all[:, :, :s], attn_mask=mask, enable_gqa=True)
         return y.transpose(1, 2).flatten(2)
     # written out rather than SDPA: CPU SDPA with a mask is ~10x slower than these two small matmuls at a
     # 4096-position cache; the query heads of one KV head are grouped, so K/V are read once, not repeated
@@ -177,7 +182,8 @@ def rope_rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 
 class ShortConv(nn.Module):
     """Gated short convolution: B, C, x = in_proj(h); y = C * causal_depthwise_conv(B * x); out_proj(y).
-    Decoding keeps the last kernel-1 inputs of the conv (`state`), zeroed at each prefill."""
+    The last kernel-1 inputs of the conv (`state`) carry over from one call to the next (a prefill chunk or a
+    decode step); zeroed at position 0."""
 
     def __init__(self, dim: int, kernel: int):
         super().__init__()
@@ -252,6 +258,7 @@ class LFM2(nn.Module):
         for name in ("rope_cos", "rope_sin", "positions"):  # made by setup_caches
             self.register_buffer(name, None, persistent=False)
         self.max_seq_len = 0
+        self.cached: list = []  # what the caches hold: a Chat.positions() key per position, kept by generate
 
     def setup_caches(self, max_seq_len: int):
         w = self.embed_tokens.weight
@@ -270,18 +277,24 @@ class LFM2(nn.Module):
             else:
                 layer.self_attn.kv_cache = KVCache(self.cfg.n_kv_heads, max_seq_len, head_dim, w.dtype, w.device)
         self.max_seq_len = max_seq_len
+        self.cached = []
 
     def forward(self, x: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        """x [1, T, D] at positions input_pos [T] -> [1, T, D]. T > 1 is a prefill from position 0 (call
-        `reset` first); T == 1 is a decode step over the cache."""
+        """x [1, T, D] at consecutive positions input_pos [T] -> [1, T, D]: causal within the T positions, which
+        also attend to every cached position before them; conv states carry on from the previous call (`reset`
+        before position 0). T == 1, a decode step, masks the whole static cache: fixed shapes, compilable."""
         cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
-        mask = None if x.shape[1] > 1 else self.positions <= input_pos  # [S]
+        if x.shape[1] == 1:
+            mask = self.positions <= input_pos  # [S]
+        else:  # a chunk reads the cache only up to its own end (a host sync; prefill is eager)
+            mask = self.positions[:int(input_pos[-1]) + 1] <= input_pos[:, None]  # [T, end]
         for layer in self.layers:
             x = layer(x, cos, sin, input_pos, mask)
         return self.embedding_norm(x)
 
     def reset(self):
         """Start a new sequence: conv states back to zero (the KV cache needs no reset, it is masked)."""
+        self.cached = []
         for layer in self.layers:
             if hasattr(layer, "conv"):
                 layer.conv.state.zero_()
@@ -420,6 +433,7 @@ class Chat:
         self.mels: list[torch.Tensor] = []  # log-mel [128, n] of each audio-in clip
         self.frames: list[torch.Tensor] = []  # codes [8] of each AUDIO_OUT position
         self.modality: list[int] = []
+        self.turns: list[tuple[int, str]] = []  # (first position, role) of each turn
         self.add_text("<|startoftext|>")
 
     def __len__(self) -> int:
@@ -441,6 +455,7 @@ class Chat:
     def new_turn(self, role: str):
         if role not in ("system", "user", "assistant"):
             raise ValueError(f"role must be system, user or assistant, got {role!r}")
+        self.turns.append((len(self), role))
         self.add_text(f"<|im_start|>{role}\n")
 
     def end_turn(self):
@@ -456,6 +471,36 @@ class Chat:
             else:
                 self.frames.append(torch.as_tensor(value).long().flatten().cpu())
                 self.modality.append(AUDIO_OUT)
+
+    def positions(self) -> list:
+        """One key per position, equal exactly when two positions' inputs are: a text id, an audio-out frame's
+        8 codes, or (a fingerprint of the audio-in clip's features, the frame's index in it). The model's caches
+        record the keys of what they hold, so a history edited in any way is noticed."""
+        def clip_keys(mel):
+            digest = hashlib.sha1(mel.detach().cpu().contiguous().view(torch.uint8).numpy()).hexdigest()
+            return ((str(mel.dtype), digest, j) for j in range(conformer.emb_len(mel.shape[1])))
+        keys = {TEXT: iter(self.text), AUDIO_OUT: (tuple(f.tolist()) for f in self.frames),
+                AUDIO_IN: (key for mel in self.mels for key in clip_keys(mel))}
+        return [next(keys[flag]) for flag in self.modality]
+
+    def drop_oldest_exchange(self) -> int:
+        """Forget the oldest user turn and the turns after it up to the next user turn (its answers); the
+        system turn stays. Returns the number of positions dropped: 0 when only the latest user turn is left.
+        The model's caches no longer match what follows: the next generate prefills the whole chat again."""
+        users = [start for start, role in self.turns if role == "user"]
+        if len(users) < 2:
+            return 0
+        a, b = users[0], users[1]
+        before, gone = self.modality[:a], self.modality[a:b]
+        for flag, items in ((TEXT, self.text), (AUDIO_OUT, self.frames)):
+            del items[before.count(flag):before.count(flag) + gone.count(flag)]
+        # a clip lies within one turn: the clips that end within [a, b) go whole
+        ends = list(itertools.accumulate(conformer.emb_len(m.shape[1]) for m in self.mels))  # in audio-in positions
+        n_in = before.count(AUDIO_IN)
+        del self.mels[sum(e <= n_in for e in ends):sum(e <= n_in + gone.count(AUDIO_IN) for e in ends)]
+        del self.modality[a:b]
+        self.turns = [(start - (b - a) * (start >= b), role) for start, role in self.turns if not a <= start < b]
+        return b - a
 
 
 # ---- the model ----
@@ -563,24 +608,45 @@ class LFM2Audio(nn.Module):
     def embed_tokens_weight(self) -> torch.Tensor:
         return self.lfm.embed_tokens.weight
 
-    def embed_prompt(self, chat: Chat) -> torch.Tensor:
-        """The chat's positions -> input embeddings [1, L, D]."""
+    def embed_prompt(self, chat: Chat, start: int = 0) -> torch.Tensor:
+        """The chat's positions from `start` on -> input embeddings [1, L - start, D]; only the audio clips that
+        reach past `start` go through the encoder."""
         w = self.embed_tokens_weight
-        flags = torch.tensor(chat.modality, device=w.device)
-        x = w.new_empty(len(chat), w.shape[1])
-        x[flags == TEXT] = self.lfm.embed_tokens(torch.tensor(chat.text, device=w.device))
-        if chat.mels:
-            x[flags == AUDIO_IN] = self.embed_audio_in(chat.mels)
-        if chat.frames:
-            x[flags == AUDIO_OUT] = self.embed_audio_out(torch.stack(chat.frames, 1).to(w.device))
+        before = chat.modality[:start]
+        flags = torch.tensor(chat.modality[start:], device=w.device)
+        x = w.new_empty(len(flags), w.shape[1])
+        ids = chat.text[before.count(TEXT):]
+        x[flags == TEXT] = self.lfm.embed_tokens(torch.tensor(ids, dtype=torch.long, device=w.device))
+        mels, skip = chat.mels, before.count(AUDIO_IN)  # skip: audio-in positions before start
+        while mels and conformer.emb_len(mels[0].shape[1]) <= skip:
+            skip, mels = skip - conformer.emb_len(mels[0].shape[1]), mels[1:]
+        if mels:
+            x[flags == AUDIO_IN] = self.embed_audio_in(mels)[skip:]
+        frames = chat.frames[before.count(AUDIO_OUT):]
+        if frames:
+            x[flags == AUDIO_OUT] = self.embed_audio_out(torch.stack(frames, 1).to(w.device))
         return x[None]
 
     # -- the two steps of the backbone --
 
-    def prefill(self, x: torch.Tensor) -> torch.Tensor:
-        """Prompt embeddings [1, L, D] -> the last position's hidden state [D]; fills the caches."""
-        self.lfm.reset()
-        return self.lfm(x, torch.arange(x.shape[1], device=x.device))[0, -1]
+    def prefill(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Embeddings [1, L, D] of positions start .. start+L-1 -> the last one's hidden state [D]; fills the
+        caches. start 0 begins a new sequence, else the caches must hold the positions before `start`. Runs in
+        chunks of PREFILL_CHUNK positions, so memory stays bounded however long the prompt."""
+        if start == 0:
+            self.lfm.reset()
+        self.lfm.cached = []  # the caches change under the record: generate sets it again
+        positions = torch.arange(start, start + x.shape[1], device=x.device)
+        for i in range(0, x.shape[1], PREFILL_CHUNK):
+            h = self.lfm(x[:, i:i + PREFILL_CHUNK], positions[i:i + PREFILL_CHUNK])
+        return h[0, -1]
+
+    def cached_prefix(self, keys: list) -> int:
+        """How many of a chat's first positions (`keys`: its Chat.positions()) the backbone caches hold, to be
+        prefilled no more: every cached position must be the chat's, in order, and at least one position new
+        (the last one's hidden state is where generation starts). 0: prefill the whole chat."""
+        n = len(self.lfm.cached)
+        return n if n < len(keys) and keys[:n] == self.lfm.cached else 0
 
     def decode_one(self, x: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         """One embedding [1, 1, D] at position input_pos [1] -> hidden state [D]. Fixed shapes: compilable."""
@@ -634,22 +700,36 @@ class LFM2Audio(nn.Module):
                  text_temperature: float | None = None, text_top_k: int | None = None,
                  audio_temperature: float | None = None, audio_top_k: int | None = None
                  ) -> Iterator[tuple[str, object]]:
-        """Yield ("text", id) and ("audio", codes LongTensor[8]) as produced, by the rules of `mode` (`Modality`);
-        `max_new_tokens` counts backbone steps, as the official generate_interleaved / generate_sequential do.
-        One host sync per item (the id, or codebook 0, chooses what comes next); the rest stays on the device."""
+        """Yield ("text", id) and ("audio", codes LongTensor[8]) as they are produced, by the rules of `mode`
+        (see `Modality`); `max_new_tokens` counts backbone steps, as the official generate_interleaved /
+        generate_sequential do. A prefill, then one loop of one item per step; each item costs one host sync
+        (reading the id, or codebook 0, to choose what comes next); sampling and the next input embedding stay
+        on the device.
+
+        The backbone's caches outlive the call: they hold the prompt and every generated item fed back (all but
+        the last). A chat that continues that history (its answer appended, a new turn added) prefills only its
+        new positions; any other chat (edited, reset, or last run on another model) is prefilled whole."""
+        if self.lfm.max_seq_len == 0:
+            raise ValueError("caches not set up: call setup_caches(max_seq_len) first")
         n = len(chat)
         if n + max_new_tokens > self.lfm.max_seq_len:
             raise ValueError(f"prompt of {n} positions + {max_new_tokens} new tokens exceeds the context of "
                              f"{self.lfm.max_seq_len} (raise max_seq_len)")
         turn = Modality(mode, self.cfg.interleaved_n_text, self.cfg.interleaved_n_audio)
-        h = self.prefill(self.embed_prompt(chat))  # [D], the last prompt position
+        keys = chat.positions()
+        start = self.cached_prefix(keys)
+        h = self.prefill(self.embed_prompt(chat, start), start)  # [D], the last prompt position
+        self.lfm.cached = keys
         pos = torch.tensor([n], device=h.device)  # where the next input goes
         for step in range(max_new_tokens):
             if self.compiled == "reduce-overhead":  # a new step: a graph replay may overwrite earlier outputs
                 torch.compiler.cudagraph_mark_step_begin()
             if step:
+                self.lfm.cached = []  # while the step writes: a step cut half-way leaves caches matching nothing
                 h = self.decode_one(x, pos)
                 pos += 1
+                keys.append(item[1] if item[0] == "text" else tuple(item[1].tolist()))
+                self.lfm.cached = keys
             if turn.text:
                 token, x = self.text_step(h, text_temperature, text_top_k)
                 item = ("text", int(token))  # the one host sync of this step

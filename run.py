@@ -74,6 +74,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--system", help="system prompt (default: the official one of the mode)")
     p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help=f"per answer (default {MAX_NEW_TOKENS})")
     p.add_argument("--context", type=int, default=CONTEXT, help=f"context length in positions (default {CONTEXT})")
+    p.add_argument("--drop-old-turns", action="store_true",
+                   help="--chat: when the context is full, forget the oldest exchanges (a question and its answer; "
+                        "the system prompt stays) instead of ending the chat")
     p.add_argument("--greedy", action="store_true", help="greedy text and audio (overrides the sampling options)")
     p.add_argument("--temperature", type=float, help="text temperature (default: greedy, as the official examples)")
     p.add_argument("--top-k", type=int, help="text top-k")
@@ -94,6 +97,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.mode != "asr" and (args.text_out or len(args.wav or []) > 1):
         p.error("--text-out and several --wav are for --mode asr")
     if not args.chat:
+        if args.drop_old_turns:
+            p.error("--drop-old-turns needs --chat")
         if args.mode == "tts" and not args.text:
             p.error("--mode tts needs --text")
         if args.mode == "asr" and not args.wav:
@@ -335,9 +340,21 @@ def load(args) -> tuple[LFM2Audio, Mimi | None, float]:
     return model, decoder, time.perf_counter() - t0
 
 
+def make_room(chat: Chat, args):
+    """--drop-old-turns: forget the oldest exchanges until a whole answer fits (the next answer then prefills
+    the shortened history again)."""
+    dropped = exchanges = 0
+    while args.context - len(chat) < args.max_new_tokens and (n := chat.drop_oldest_exchange()):
+        dropped, exchanges = dropped + n, exchanges + 1
+    if dropped:
+        print(f"note: context full, forgot the oldest {exchanges} exchange(s), {dropped} positions",
+              file=sys.stderr)
+
+
 def run_chat(args, model, decoder, load_s, audio) -> int:
     """One turn per stdin line (a path to an audio file, or text); the history keeps the model's own text ids
-    and audio frames, as the official multi-turn example does with ChatState.append."""
+    and audio frames, as the official multi-turn example does with ChatState.append. The model's caches keep
+    the history between turns: each answer prefills only the new turn (see LFM2Audio.generate)."""
     chat = new_chat(model, args)
     if audio is not None or args.text:  # the first turn from the command line
         add_user_turn(chat, audio, args.text)
@@ -346,11 +363,14 @@ def run_chat(args, model, decoder, load_s, audio) -> int:
     turn = 0
     while True:
         turn += 1
+        if args.drop_old_turns:
+            make_room(chat, args)
         try:
             items = answer(model, decoder, chat, args, numbered(args.out, turn), numbered(args.codes_out, turn),
                            load_s)
         except ContextFull as e:
-            print(f"context full: {e}; start a new chat (or raise --context)", file=sys.stderr)
+            print(f"context full: {e}; start a new chat (or raise --context, or use --drop-old-turns)",
+                  file=sys.stderr)
             return 0
         chat.append(items)
         chat.end_turn()
