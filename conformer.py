@@ -200,8 +200,8 @@ def split_at_pauses(wave: torch.Tensor, sr: int, max_seconds: float = 30.0, smoo
                     ) -> list[tuple[int, int]]:
     """Mono wave [T] -> spans (start, end) in samples that tile it, each at most `max_seconds` long, cut at the
     quietest point of the second half of each window (so chunks are at least max_seconds / 2, but the last).
-    Quiet = the lowest mean energy over `smooth_seconds` around a 10 ms step: the middle of a pause, or of the
-    softest sound when there is none. Long audio has to be cut: the encoder's attention is quadratic in the
+    Quiet = the lowest mean energy over `smooth_seconds` around a 10 ms step: the middle of a short pause (in a
+    long silence, as late as the limit allows), or the softest sound when there is no pause. Long audio has to be cut: the encoder's attention is quadratic in the
     clip's length and the model was trained on short clips."""
     hop, n = max(1, sr // 100), wave.numel()
     limit = max(1, int(max_seconds * sr) // hop)  # in steps
@@ -216,7 +216,7 @@ def split_at_pauses(wave: torch.Tensor, sr: int, max_seconds: float = 30.0, smoo
     spans, start = [], 0  # in steps
     while (n - start * hop) > limit * hop:
         window = energy[start + (limit + 1) // 2: start + limit + 1]
-        cut = start + (limit + 1) // 2 + int(window.argmin())  # the first quietest step: ties cut early
+        cut = start + limit - int(window.flip(0).argmin())  # the last quietest step: long silences, long chunks
         spans.append((start * hop, cut * hop))
         start = cut
     return spans + [(start * hop, n)]

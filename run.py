@@ -39,6 +39,7 @@ SAMPLING = {"chat": (None, None, 1.0, 4), "asr": (None, None, None, None), "tts"
 MAX_NEW_TOKENS = 512  # the official examples' value
 CHUNK_SECONDS = 30.0  # ASR: longer recordings are cut at pauses into chunks of at most this
 TEXT_FORMATS = (".txt", ".srt", ".vtt")
+BATCH = 8  # ASR chunks decoded together
 CONTEXT = 4096  # positions of the static caches: ~3 minutes of spoken conversation
 SILENCE = 1e-4  # peak below this (~3 LSB of 16-bit audio) means there is nothing to hear
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
@@ -68,7 +69,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--text-out", help="ASR: also write the transcript as .txt, or .srt/.vtt subtitles with the "
                                       "chunks' time spans (several --wav: FILE_1.srt, ...); never overwrites")
     p.add_argument("--chunk-seconds", type=float, default=CHUNK_SECONDS,
-                   help=f"ASR: longest chunk a recording is cut into, at its quietest points (default {CHUNK_SECONDS:g})")
+                   help=f"ASR: longest chunk a recording is cut into, at its quietest points "
+                        f"(default {CHUNK_SECONDS:g})")
+    p.add_argument("--batch", type=int, default=BATCH,
+                   help=f"ASR: chunks decoded at once (default {BATCH}); on a CPU a batch costs little more than one")
     p.add_argument("--codes-out", help="write the prompt ids and generated items as JSON (--chat: FILE_1.json, ...)")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"Hugging Face repo id or local folder ({DEFAULT_MODEL})")
     p.add_argument("--system", help="system prompt (default: the official one of the mode)")
@@ -92,6 +96,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.max_new_tokens < 1 or args.context < 2:
         p.error("--max-new-tokens must be >= 1 and --context >= 2")
+    if args.batch < 1:
+        p.error("--batch must be >= 1")
     if not 0.1 <= args.chunk_seconds <= CHUNK_SECONDS:
         p.error(f"--chunk-seconds must be between 0.1 and {CHUNK_SECONDS:g}")
     if args.mode != "asr" and (args.text_out or len(args.wav or []) > 1):
@@ -483,16 +489,11 @@ def asr_chunks(model: LFM2Audio, args, waves: list[torch.Tensor]) -> list[Chunk]
     return chunks
 
 
-def transcripts(model: LFM2Audio, chats: list[Chat], args, max_new: int):
-    """(index, items) of each chat's ASR answer, in the order they finish."""
-    for i, chat in enumerate(chats):
-        yield i, list(model.generate(chat, GENERATION[args.mode], max_new_tokens=max_new, **sampling(args)))
-
-
 def run_asr(args, model: LFM2Audio, load_s: float, waves: list[torch.Tensor], text_paths: list) -> int:
-    """Transcribe each --wav chunk by chunk: a line per chunk `[start --> end] text` on stdout (in order, under a
-    `==> file <==` header when there are several files), a progress line per chunk on stderr, --text-out and
-    --codes-out (numbered per chunk when there are several) written as chunks finish."""
+    """Transcribe each --wav chunk by chunk, --batch chunks decoded at once: a line per chunk
+    `[start --> end] text` on stdout (in order, under a `==> file <==` header when there are several files), a
+    progress line per chunk on stderr, --text-out and --codes-out (numbered per chunk when there are several)
+    written as chunks finish."""
     t0 = time.perf_counter()
     chunks = asr_chunks(model, args, waves)
     todo = [k for k, c in enumerate(chunks) if c.chat is not None]  # silent chunks are not transcribed
@@ -503,12 +504,16 @@ def run_asr(args, model: LFM2Audio, load_s: float, waves: list[torch.Tensor], te
     if max_new < args.max_new_tokens:
         print(f"note: transcripts limited to {max_new} tokens per chunk by the context of {args.context}",
               file=sys.stderr)
+    # caches for this run alone: every row holds a chunk's prompt and transcript, no more (a decode step reads
+    # its whole static cache)
+    model.setup_caches(longest + max_new, max(1, min(args.batch, len(todo))))
     control = {t["id"] for t in model.tokenizer.added.values()}
     writers = [TranscriptWriter(p) if p else None for p in text_paths]
     texts, shown, audio_s, total_s = {}, 0, 0.0, sum(c.end - c.start for c in chunks)
     first_text = None
     try:
-        for i, items in transcripts(model, [chunks[k].chat for k in todo], args, max_new):
+        for i, items in model.generate_batch([chunks[k].chat for k in todo], GENERATION[args.mode], max_new,
+                                             args.batch, **sampling(args)):
             k = todo[i]
             c = chunks[k]
             if items[-1] != ("text", IM_END):  # only the bound ends a sequential answer otherwise

@@ -946,7 +946,7 @@ def test_lfm2audio_backbone_cached_decode(lfm2audio_pair):
         full = ours.lfm(x, torch.arange(x.shape[1]))[0]
         steps = [ours.prefill(x[:, :n])]
         for i in range(n, x.shape[1]):
-            steps.append(ours.decode_one(x[:, i:i + 1], torch.tensor([i])))
+            steps.append(ours.decode_one(x[:, i:i + 1], torch.tensor([[i]]))[0])
     got = torch.stack(steps)  # positions n-1 .. end
     _lfm2audio_close(got, full[n - 1:], "cached decode vs our full recompute")
     _lfm2audio_close(got, ref[n - 1:], "cached decode vs official full sequence")
