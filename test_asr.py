@@ -110,7 +110,7 @@ def _items(stream) -> list:
 
 @pytest.mark.parametrize("mode", ["interleaved", "sequential"])
 def test_asr_batched_generation_equals_one_by_one(batch_pair, mode):
-    """Prompts of different lengths (the four tasks, 28 to 246 positions; twice, so 8 chats) decoded 3 at a time
+    """Prompts of different lengths (the four tasks, 45 to 254 positions; twice, so 8 chats) decoded 3 at a time
     (rows refilled as answers end) and 8 at once: every answer equals the official generation of its prompt
     alone and ours one by one, item for item; answers end at different steps, each on its own."""
     ours, off, proc = batch_pair
