@@ -61,3 +61,11 @@ def full_ckpt() -> Path:
     """
     official()
     return fixtures.cached_checkpoint(fixtures.FULL_CONFIG, 0)
+
+
+@pytest.fixture(scope="session")
+def lfm25_ckpt() -> Path:
+    """An LFM2.5-Audio-shaped folder: the TINY_CONFIG checkpoint plus a real-size `audio_detokenizer/` (seed 0),
+    cached on disk."""
+    official()
+    return fixtures.cached_lfm25_checkpoint(fixtures.TINY_CONFIG, 0)

@@ -44,6 +44,8 @@ PREFILL_CHUNK = 512  # positions per prefill chunk: bounds the activations and a
 
 MIMI_FILE = "tokenizer-e351c8d8-checkpoint125.safetensors"
 CHECKPOINT_FILES = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", MIMI_FILE]
+DETOKENIZER_DIR = "audio_detokenizer"  # LFM2.5-Audio's LFM2 vocoder (detokenizer.py); absent in LFM2-Audio
+DOWNLOAD_PATTERNS = CHECKPOINT_FILES + [f"{DETOKENIZER_DIR}/*"]
 
 
 def swiglu_width(ff_dim: int, multiplier: float | None = 1.0, multiple_of: int = 256) -> int:
@@ -107,6 +109,19 @@ class Config:
 
 
 # ---- shared pieces ----
+
+def check_state_dict(expected: dict, state: dict, name) -> None:
+    """One ValueError naming the missing, unexpected and mis-shaped tensors of `state`, if any."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})"
+             for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    problems = [f"{what}: {', '.join(names[:8])}" + (f" (+{len(names) - 8} more)" if len(names) > 8 else "")
+                for what, names in (("missing tensors", missing), ("unexpected tensors", unexpected),
+                                    ("wrong shapes", wrong)) if names]
+    if problems:
+        raise ValueError(f"{name}: " + "; ".join(problems))
+
 
 class RMSNorm(nn.Module):
     """RMSNorm computed in fp32. The two official implementations apply the weight at different precisions
@@ -197,9 +212,10 @@ class ShortConv(nn.Module):
         self.out_proj = nn.Linear(dim, dim, bias=False)
         self.register_buffer("state", None, persistent=False)  # [batch, kernel-1, dim], made by setup_caches
 
-    def forward(self, x: torch.Tensor, row: int = 0) -> torch.Tensor:  # x [B, T, D], states of rows row..row+B-1
+    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None) -> torch.Tensor:  # x [B, T, D]
+        """`state` [B, kernel-1, D]: a caller's own conv state (the audio detokenizer's streams); default ours."""
+        state = self.state if state is None else state
         t = x.shape[1]
-        state = self.state[row:row + x.shape[0]]  # [B, kernel-1, D], a view
         b, c, xx = self.in_proj(x).chunk(3, dim=-1)  # each [B, T, D]
         window = torch.cat([state, b * xx], dim=1)  # [B, kernel-1+T, D]: the state is the left padding
         state.copy_(window[:, -(self.kernel - 1):])
@@ -246,7 +262,10 @@ class LFM2Block(nn.Module):
 
     def forward(self, x, cos, sin, input_pos, mask, row: int = 0) -> torch.Tensor:
         h = self.operator_norm(x)
-        h = self.conv(h, row) if hasattr(self, "conv") else self.self_attn(h, cos, sin, input_pos, mask, row)
+        if hasattr(self, "conv"):
+            h = self.conv(h, self.conv.state[row:row + x.shape[0]])  # this batch's rows of the conv states
+        else:
+            h = self.self_attn(h, cos, sin, input_pos, mask, row)
         h = x + h
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -579,15 +598,7 @@ class LFM2Audio(nn.Module):
                 state[b] = state[a]
             elif b in state and a not in state:
                 state[a] = state[b]
-        missing = [k for k in expected if k not in state]
-        unexpected = [k for k in state if k not in expected]
-        wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})"
-                 for k, v in expected.items() if k in state and state[k].shape != v.shape]
-        problems = [f"{what}: {', '.join(names[:8])}" + (f" (+{len(names) - 8} more)" if len(names) > 8 else "")
-                    for what, names in (("missing tensors", missing), ("unexpected tensors", unexpected),
-                                        ("wrong shapes", wrong)) if names]
-        if problems:
-            raise ValueError(f"{name}: " + "; ".join(problems))
+        check_state_dict(expected, state, name)
         self.load_state_dict(state, strict=True)
 
     def _tied_pairs(self) -> list[tuple[str, str]]:
@@ -868,17 +879,20 @@ def is_end_of_audio(frame: torch.Tensor) -> bool:
 def respond(model: LFM2Audio, chat: Chat, vocoder=None, mode: str = "interleaved", **generate_kw
             ) -> Iterator[tuple[str, object, torch.Tensor | None]]:
     """The assistant's turn along the whole data path, streamed: yields ("text", id, None) and ("audio",
-    codes [8], wave [1920] at 24 kHz, or None for an end-of-audio frame or without a vocoder).
+    codes [8], wave [n] at 24 kHz, or None for an end-of-audio frame or without a vocoder); with a vocoder,
+    last ("tail", None, wave): what it held back (the LFM2 detokenizer's last 480 samples; none for Mimi).
 
       wav [T] -> 16 kHz -> log-mel [128, n = 1 + T/160]           Chat.add_audio
       log-mel -> conformer [n/8, 512] -> adapter [n/8, 2048]     embed_prompt (text ids -> embed_tokens)
       prompt [1, L, 2048] -> LFM2 -> h [2048] per item            prefill, then decode_one
       h -> text logits -> id | depthformer x 8 -> codes [8]       text_step | audio_step
-      codes [1, 8, 1] -> decoder, streaming -> wave [1920]        vocoder.decode_step (mimi.Mimi)"""
+      codes [1, 8, 1] -> decoder, streaming -> wave [1920]        vocoder.decode_step (Mimi, Detokenizer)"""
     stream = vocoder.new_stream(1) if vocoder is not None else None
     for kind, value in model.generate(chat, mode, **generate_kw):
         sound = stream is not None and kind == "audio" and not is_end_of_audio(value)
         yield kind, value, vocoder.decode_step(value.view(1, -1, 1), stream)[0, 0] if sound else None
+    if stream is not None:
+        yield "tail", None, vocoder.flush(stream)[0, 0]
 
 
 def checkpoint_folder(repo_id_or_path: str | Path) -> Path:
@@ -892,7 +906,7 @@ def checkpoint_folder(repo_id_or_path: str | Path) -> Path:
         raise FileNotFoundError(f"{name}: no such checkpoint folder (nor a Hugging Face repo id owner/name)")
     from huggingface_hub import snapshot_download
     try:
-        return Path(snapshot_download(name, allow_patterns=CHECKPOINT_FILES))
+        return Path(snapshot_download(name, allow_patterns=DOWNLOAD_PATTERNS))
     except (OSError, ValueError) as e:  # offline cache miss, unknown repo, network down (hub errors are OSErrors)
         raise FileNotFoundError(f"{name}: could not get the checkpoint from Hugging Face "
                                 f"({type(e).__name__}: {e})") from None

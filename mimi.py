@@ -329,7 +329,7 @@ class Mimi(nn.Module):
     @torch.no_grad()
     def decode(self, codes: Tensor) -> Tensor:
         """codes [B, 8, T] (0..2047) -> waveform [B, 1, 1920*T] at 24 kHz."""
-        _check_codes(codes)
+        check_codes(codes)
         stream = self.new_stream(codes.shape[0], max_frames=max(1, min(codes.shape[-1], WHOLE_PIECE_FRAMES)))
         return self._decode(codes, stream)
 
@@ -337,10 +337,15 @@ class Mimi(nn.Module):
     def decode_step(self, codes: Tensor, stream: MimiStream) -> Tensor:
         """Decode the next frames of a stream: codes [B, 8, t] -> [B, 1, 1920*t]. Concatenated outputs equal
         `decode` of the concatenated codes."""
-        _check_codes(codes)
+        check_codes(codes)
         if codes.shape[0] != stream.batch_size:
             raise ValueError(f"codes batch size {codes.shape[0]} does not match the stream's {stream.batch_size}")
         return self._decode(codes, stream)
+
+    def flush(self, stream: MimiStream) -> Tensor:
+        """End a stream: nothing is held back (every layer is causal), so [B, 1, 0]; here for the interface
+        run.py shares with the LFM2 detokenizer, whose inverse STFT needs a tail."""
+        return stream.kv.new_zeros(stream.batch_size, 1, 0)
 
     def _decode(self, codes: Tensor, stream: MimiStream) -> Tensor:
         if codes.shape[-1] == 0:
@@ -379,13 +384,14 @@ def _canonical_key(key: str) -> str:
               .replace("self_attn.out_projs.0.weight", "self_attn.out_proj.weight")
 
 
-def _check_codes(codes: Tensor) -> None:
+def check_codes(codes: Tensor, who: str = "Mimi") -> None:
+    """Codes a decoder can take: integers [batch, 8, frames] in 0..2047 (the LM's 2048 is no sound)."""
     if not isinstance(codes, Tensor):
-        raise ValueError(f"Mimi codes must be a torch.Tensor, got {type(codes).__name__}")
+        raise ValueError(f"{who} codes must be a torch.Tensor, got {type(codes).__name__}")
     if codes.dtype not in _INT_DTYPES:
-        raise ValueError(f"Mimi codes must be integers, got dtype {codes.dtype}")
+        raise ValueError(f"{who} codes must be integers, got dtype {codes.dtype}")
     if codes.ndim != 3 or codes.shape[1] != N_CODEBOOKS:
-        raise ValueError(f"Mimi codes must have shape [batch, {N_CODEBOOKS}, frames], got {list(codes.shape)}")
+        raise ValueError(f"{who} codes must have shape [batch, {N_CODEBOOKS}, frames], got {list(codes.shape)}")
     if codes.numel() and (codes.min() < 0 or codes.max() >= CARDINALITY):
-        raise ValueError(f"Mimi codes must be in 0..{CARDINALITY - 1}, got values in "
+        raise ValueError(f"{who} codes must be in 0..{CARDINALITY - 1}, got values in "
                          f"{codes.min().item()}..{codes.max().item()} (2048 = end of audio is not decodable)")

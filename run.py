@@ -9,7 +9,8 @@
 
 The checkpoint (`LiquidAI/LFM2-Audio-1.5B`, ~3.3 GB) is downloaded into the Hugging Face cache on first use;
 HF_HUB_OFFLINE=1 uses the cache only. Text is printed as it is generated; audio is decoded frame by frame
-with streaming Mimi and appended to the wav file as it arrives, so the file is playable before the answer ends.
+(streaming Mimi, or for LFM2.5-Audio its LFM2 detokenizer) and appended to the wav file as it arrives, so the file
+is playable before the answer ends.
 Errors are one line on stderr (`error: ...`) and a non-zero exit.
 """
 
@@ -24,7 +25,8 @@ import soundfile as sf
 import torch
 
 import conformer
-from lfm2audio import IM_END, MIMI_FILE, Chat, LFM2Audio, checkpoint_folder, respond
+from detokenizer import Detokenizer
+from lfm2audio import DETOKENIZER_DIR, IM_END, MIMI_FILE, Chat, LFM2Audio, checkpoint_folder, respond
 from mimi import SAMPLE_RATE, Mimi
 
 DEFAULT_MODEL = "LiquidAI/LFM2-Audio-1.5B"
@@ -87,9 +89,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--audio-temperature", type=float, help="audio temperature (default chat 1.0, tts 0.8)")
     p.add_argument("--audio-top-k", type=int, help="audio top-k (default chat 4, tts 64)")
     p.add_argument("--seed", type=int, help="random seed for sampling")
+    p.add_argument("--vocoder", choices=["mimi", "lfm2"],
+                   help="audio decoder: lfm2 = the LFM2 detokenizer of LFM2.5-Audio (its audio_detokenizer/ folder; "
+                        "the default when there is one, as in the official package), mimi = Mimi (otherwise)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
-                   help="model dtype (auto: bfloat16 on cuda, float32 elsewhere); Mimi always runs in float32")
+                   help="model dtype (auto: bfloat16 on cuda, float32 elsewhere); the audio decoder always runs "
+                        "in float32")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode path (CUDA graphs on cuda); slow to start: worth it for long "
                         "answers on a GPU, a few percent on CPU")
@@ -233,8 +239,8 @@ class ContextFull(ValueError):
     """The prompt leaves no room for an answer."""
 
 
-def answer(model: LFM2Audio, decoder: Mimi | None, chat: Chat, args, wav_path: Path, codes_path: Path | None,
-           load_s: float) -> list:
+def answer(model: LFM2Audio, decoder: Mimi | Detokenizer | None, chat: Chat, args, wav_path: Path,
+           codes_path: Path | None, load_s: float) -> list:
     """Generate the assistant's turn for `chat` (which ends with `<|im_start|>assistant\\n`): text to stdout,
     audio to `wav_path` (none without a decoder: ASR), timing to stderr. Returns the generated items, without a
     final <|im_end|>."""
@@ -251,7 +257,8 @@ def answer(model: LFM2Audio, decoder: Mimi | None, chat: Chat, args, wav_path: P
     try:
         for kind, value, wave in respond(model, chat, decoder, GENERATION[args.mode], max_new_tokens=max_new,
                                          **sampling(args)):
-            items.append((kind, value if kind == "text" else value.tolist()))
+            if kind != "tail":  # the tail is sound the decoder held back, not an item
+                items.append((kind, value if kind == "text" else value.tolist()))
             if kind == "text":
                 first_text = first_text or time.perf_counter() - t0
                 printer.add(value)
@@ -314,12 +321,28 @@ def check_outputs(args):
         raise ValueError(f"--out {args.out}: the answer is written as a wav file, give a name ending in .wav")
 
 
+def pick_vocoder(folder: Path, args) -> str | None:
+    """"lfm2" or "mimi" (None for ASR, which writes no audio): --vocoder, else the detokenizer when the folder
+    has one, as the official processor's decode does."""
+    if args.mode == "asr":
+        return None
+    has_lfm2 = (folder / DETOKENIZER_DIR).is_dir()
+    if args.vocoder == "lfm2" and not has_lfm2:
+        raise FileNotFoundError(f"{folder / DETOKENIZER_DIR}: no LFM2 detokenizer in this checkpoint (LFM2.5-Audio "
+                                "has one); use --vocoder mimi")
+    return args.vocoder or ("lfm2" if has_lfm2 else "mimi")
+
+
 def check_checkpoint(folder: Path, args):
-    """Fail before the long load: every file the mode needs is there (ASR writes no audio, so needs no Mimi)
+    """Fail before the long load: every file the mode needs is there (ASR writes no audio, so needs no vocoder)
     and --context fits the model's positions (the caches for it are allocated up front)."""
     needed = {"config.json": "config file", "model.safetensors": "model weights", "tokenizer.json": "text tokenizer"}
-    if args.mode != "asr":
+    vocoder = pick_vocoder(folder, args)
+    if vocoder == "mimi":
         needed[MIMI_FILE] = "Mimi checkpoint"
+    elif vocoder == "lfm2":
+        needed[f"{DETOKENIZER_DIR}/config.json"] = "detokenizer config"
+        needed[f"{DETOKENIZER_DIR}/model.safetensors"] = "detokenizer weights"
     for name, what in needed.items():
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder / name}: {what} not found")
@@ -333,8 +356,9 @@ def check_checkpoint(folder: Path, args):
                          f"max_position_embeddings in {config})")
 
 
-def load(args) -> tuple[LFM2Audio, Mimi | None, float]:
-    """The model, and the Mimi decoder (None for ASR), and the seconds it took."""
+def load(args) -> tuple[LFM2Audio, Mimi | Detokenizer | None, float]:
+    """The model, and the audio decoder (None for ASR), and the seconds it took. The decoders run in float32
+    whatever --dtype (they are small, and the official ones do)."""
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     t0 = time.perf_counter()
@@ -342,7 +366,11 @@ def load(args) -> tuple[LFM2Audio, Mimi | None, float]:
     check_checkpoint(folder, args)
     model = LFM2Audio.from_pretrained(folder, device=device, dtype=dtype, max_seq_len=args.context,
                                       compile=args.compile)
-    decoder = None if args.mode == "asr" else Mimi.from_file(folder / MIMI_FILE, device=device)
+    vocoder, decoder = pick_vocoder(folder, args), None
+    if vocoder == "mimi":
+        decoder = Mimi.from_file(folder / MIMI_FILE, device=device)
+    elif vocoder == "lfm2":
+        decoder = Detokenizer.from_folder(folder / DETOKENIZER_DIR, device=device)
     return model, decoder, time.perf_counter() - t0
 
 

@@ -573,3 +573,114 @@ def stream_events(items) -> list:
             else:
                 events.append((kind, 1))
     return events
+
+
+# ---- LFM2.5-Audio: the same folder plus `audio_detokenizer/` (the LFM2 vocoder) ------------------------
+
+DETOKENIZER_DIR = "audio_detokenizer"
+# transformers' Lfm2Config form with llama.cpp's layer names, as LFM2.5-Audio-1.5B ships it; the SwiGLU width
+# is 2304 after LFM2's adjustment (int(2 * 3456 / 3) = 2304, already a multiple of 256)
+DETOKENIZER_CONFIG = {
+    "architectures": ["Lfm2Model"], "model_type": "lfm2", "hidden_size": 512, "num_hidden_layers": 8,
+    "layer_types": ["conv", "conv", "sliding_attention", "conv", "sliding_attention", "conv", "sliding_attention",
+                    "conv"],
+    "sliding_window": 30, "num_attention_heads": 16, "num_key_value_heads": 8, "intermediate_size": 3456,
+    "block_auto_adjust_ff_dim": True, "block_multiple_of": 256, "block_ffn_dim_multiplier": 1.0,
+    "conv_L_cache": 3, "conv_bias": False, "norm_eps": 1e-5, "rope_theta": 1000000.0, "vocab_size": 65536,
+    "max_position_embeddings": 128000, "tie_word_embeddings": True, "torch_dtype": "float32",
+}
+DETOKENIZER_RMS = 0.3  # level of random codes decoded by the random detokenizer: audio-like
+
+
+def official_detokenizer(folder: Path):
+    """The official LFM2AudioDetokenizer read from `folder` (an `audio_detokenizer/`) exactly as
+    `LFM2AudioProcessor.audio_detokenizer` reads it (config, layer renaming, strict load), but left on the CPU:
+    the official property calls `.cuda()` unconditionally."""
+    official()
+    from liquid_audio.detokenizer import LFM2AudioDetokenizer
+    from safetensors.torch import load_file
+    from transformers import Lfm2Config
+
+    config = Lfm2Config.from_pretrained(Path(folder) / "config.json")
+    config.layer_types = ["full_attention" if t == "sliding_attention" else t for t in config.layer_types]
+    detok = LFM2AudioDetokenizer(config).eval()
+    detok.load_state_dict(load_file(Path(folder) / "model.safetensors"))
+    return detok.eval()
+
+
+def official_processor_cpu(ckpt: Path):
+    """The official LFM2AudioProcessor of an LFM2.5 folder on the CPU, its detokenizer (CUDA-only in the official
+    property) put in place by `official_detokenizer`, so `processor.decode` runs as the official code does."""
+    official()
+    from liquid_audio import LFM2AudioProcessor
+
+    processor = LFM2AudioProcessor.from_pretrained(Path(ckpt), device="cpu").eval()
+    processor._audio_detokenizer = official_detokenizer(Path(ckpt) / DETOKENIZER_DIR)
+    return processor
+
+
+def _detokenizer_init(name: str, shape, seed: int):
+    if name == "istft.window":
+        import torch
+
+        return torch.hann_window(shape[0])  # what the official module stores
+    if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+        return _randn(shape, seed, name, 0.1, 1.0)
+    if name.endswith("bias"):
+        return _randn(shape, seed, name, 0.1)
+    if name.endswith(("emb.weight", "embed_tokens.weight")):
+        return _randn(shape, seed, name)
+    gain = LAYER_GAIN if name.endswith(("out_proj.weight", "w2.weight")) else 1.0
+    return _randn(shape, seed, name, gain / math.sqrt(_fan_in(shape)))
+
+
+def write_detokenizer(folder: Path, seed: int = 0) -> Path:
+    """Write `audio_detokenizer/` (config.json, fp32 model.safetensors with the official module's keys) with
+    random weights; the magnitude bias is shifted so random codes decode at RMS ~DETOKENIZER_RMS."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(DETOKENIZER_CONFIG, indent=2))
+    official()
+    from liquid_audio.detokenizer import LFM2AudioDetokenizer
+    from transformers import Lfm2Config
+
+    config = Lfm2Config.from_pretrained(folder / "config.json")
+    config.layer_types = ["full_attention" if t == "sliding_attention" else t for t in config.layer_types]
+    with torch.random.fork_rng():  # its init draws from the global RNG; every tensor is replaced below
+        skeleton = LFM2AudioDetokenizer(config).eval()
+    sd = {k: _detokenizer_init(k, tuple(t.shape), seed).contiguous() for k, t in skeleton.state_dict().items()}
+    skeleton.load_state_dict(sd, strict=True)
+    codes = torch.randint(0, 2048, (1, 8, 16), generator=_gen(seed, "detokenizer-probe"))
+    with torch.no_grad():
+        rms = float(skeleton(codes).pow(2).mean().sqrt())
+    sd["lin.bias"][: sd["lin.bias"].shape[0] // 2] += math.log(DETOKENIZER_RMS / rms)  # |X| x c: wave x c
+    save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+def cached_lfm25_checkpoint(config: dict, seed: int = 0) -> Path:
+    """`cached_checkpoint(config, seed)` plus `audio_detokenizer/`: an LFM2.5-Audio-shaped folder, cached (files
+    of the LFM2 folder hard-linked, not copied)."""
+    base = cached_checkpoint(config, seed)
+    h = hashlib.sha256(base.name.encode())
+    h.update(json.dumps(DETOKENIZER_CONFIG, sort_keys=True).encode() + repr((DETOKENIZER_RMS, seed)).encode())
+    for f in (_detokenizer_init, write_detokenizer):
+        h.update(inspect.getsource(f).encode())
+    final = CACHE_ROOT / f"lfm25-{h.hexdigest()[:16]}"
+    if final.is_dir():
+        return final
+    with open(CACHE_ROOT / f".{final.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not final.is_dir():
+            tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=CACHE_ROOT))
+            try:
+                shutil.copytree(base, tmp, dirs_exist_ok=True, copy_function=os.link)
+                write_detokenizer(tmp / DETOKENIZER_DIR, seed)
+                os.chmod(tmp, 0o755)
+                os.rename(tmp, final)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    return final
