@@ -5,6 +5,7 @@ JSON line (so that results can be collected by a script).
     python bench.py decode [--model DIR] [--device cpu] [--dtype float32 [bfloat16]] [--steps 48] [--compile]
                            [--quantize int8]
     python bench.py accuracy [--model DIR] [--steps 48]
+    python bench.py asr [--model DIR] [--chunks 8] [--batches 1,4,8] [--max-new-tokens 64]
     python bench.py vocoder [--model DIR] [--device cpu] [--frames 150] [--rounds 3]
 """
 
@@ -447,6 +448,87 @@ def bench_decode(args) -> dict:
     return result
 
 
+def _long_recording(seconds: float):
+    """The repository's two recordings at 16 kHz, alternating, with pauses of 0.3-1.5 s, for `seconds`."""
+    import numpy as np
+    import torch
+
+    import conformer
+    from fixtures import ASSETS
+
+    waves = [conformer.resample(*conformer.load_audio(ASSETS / n), 16000) for n in ("asr.wav", "question.wav")]
+    rng, pieces, n = np.random.default_rng(0), [], 0
+    while n < seconds * 16000:
+        pieces += [waves[len(pieces) // 2 % 2], torch.zeros(int(rng.uniform(0.3, 1.5) * 16000))]
+        n += pieces[-2].numel() + pieces[-1].numel()
+    return torch.cat(pieces)
+
+
+def bench_asr(args) -> dict:
+    """Chunked ASR throughput (seconds of audio per second) on a long recording cut into chunks of at most 30 s:
+    ours at each batch size vs the official package one chunk at a time (its only way), greedy, prompt building
+    (mel), encoder, prefill and decode all timed, one model in memory at a time; all must give the same items."""
+    import torch
+
+    import conformer
+    import run
+    from fixtures import FULL_CONFIG, PROMPTS, cached_checkpoint, load_official, official_generate
+    from lfm2audio import IM_END, Chat, LFM2Audio
+
+    folder = Path(args.model) if args.model else cached_checkpoint(FULL_CONFIG, 0)
+    wave = _long_recording(31 * args.chunks)
+    spans = conformer.split_at_pauses(wave, 16000, 30.0)[:args.chunks]
+    audio_s = sum(b - a for a, b in spans) / 16000
+    batches = [int(b) for b in args.batches.split(",")]
+    results, items = {}, {}
+    with open("/tmp/lfm2audio-bigmem.lock", "w") as lock, torch.no_grad():
+        fcntl.flock(lock, fcntl.LOCK_EX)  # full-size models: one big-memory job on the machine at a time
+        model = LFM2Audio.from_pretrained(folder, dtype=torch.float32, max_seq_len=512 + args.max_new_tokens)
+        for batch in batches:
+            t = time.perf_counter()
+            chats = []
+            for a, b in spans:
+                chat = Chat(model.tokenizer)
+                chat.new_turn("system"); chat.add_text(PROMPTS["asr"][0]); chat.end_turn()
+                run.add_user_turn(chat, (wave[a:b], 16000), None)
+                chats.append(chat)
+            got = dict(model.generate_batch(chats, "sequential", args.max_new_tokens, batch))
+            results[f"ours_b{batch}"] = time.perf_counter() - t
+            items[f"ours_b{batch}"] = [[(k, v if k == "text" else v.tolist()) for k, v in got[i]]
+                                       for i in range(len(spans))]
+        del model, chats, got
+        gc.collect()
+        if not args.no_official:
+            off, proc = load_official(folder)
+            from liquid_audio import ChatState
+
+            t = time.perf_counter()
+            items["official"] = []
+            for a, b in spans:
+                chat = ChatState(proc)
+                chat.new_turn("system"); chat.add_text(PROMPTS["asr"][0]); chat.end_turn()
+                chat.new_turn("user"); chat.add_audio(wave[None, a:b], 16000); chat.end_turn()
+                chat.new_turn("assistant")
+                items["official"].append(official_generate(off, chat, "sequential", args.max_new_tokens))
+            results["official"] = time.perf_counter() - t
+    same = all(v == next(iter(items.values())) for v in items.values())
+    n_items = [len(i) for i in next(iter(items.values()))]
+    ended = sum(i[-1] == ("text", IM_END) for i in next(iter(items.values())))
+    print(f"asr bench: {folder.name}, cpu float32, {torch.get_num_threads()} threads, {len(spans)} chunks, "
+          f"{audio_s:.1f} s of audio, <= {args.max_new_tokens} greedy steps per chunk (items per chunk {n_items}, "
+          f"{ended} ended by <|im_end|>), same items in all runs: {same}")
+    print(f"{'run':<12}{'seconds':>10}{'audio s/s':>12}{'vs official':>13}")
+    for name, took in results.items():
+        ratio = results["official"] / took if "official" in results else float("nan")
+        print(f"{name:<12}{took:>10.1f}{audio_s / took:>12.2f}{ratio:>13.2f}")
+    result = {"bench": "asr", "chunks": len(spans), "audio_s": round(audio_s, 2), "same_items": same,
+              "max_new_tokens": args.max_new_tokens, "threads": torch.get_num_threads(),
+              **{f"{n}_s": round(v, 2) for n, v in results.items()},
+              **{f"{n}_audio_per_s": round(audio_s / v, 3) for n, v in results.items()}}
+    print(json.dumps(result))
+    return result
+
+
 # ---- vocoder: decode time per 80 ms frame, the LFM2 detokenizer vs Mimi, ours vs official ----
 
 def bench_vocoder(args) -> dict:
@@ -600,7 +682,7 @@ def measure_accuracy(folder: Path, steps: int, variants: dict) -> dict:
 
 def _prompt(model, task):
     import conformer
-    from fixtures import ASSETS, build_prompt
+    from fixtures import build_prompt
     from lfm2audio import Chat
 
     return build_prompt(Chat(model.tokenizer), task, lambda path: conformer.load_audio(path))
@@ -659,6 +741,13 @@ def main(argv=None):
     p.add_argument("--no-official", action="store_true", help="ours only")
     p.add_argument("--rounds", type=int, default=1, help="alternate the implementations this many times")
     p.set_defaults(fn=bench_decode)
+    p = sub.add_parser("asr", help=bench_asr.__doc__)
+    p.add_argument("--model", help="checkpoint folder (default: the full-size random-weight test fixture)")
+    p.add_argument("--chunks", type=int, default=8, help="chunks of the long recording (each <= 30 s)")
+    p.add_argument("--batches", default="1,4,8", help="our batch sizes, comma-separated")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="greedy steps per chunk at most")
+    p.add_argument("--no-official", action="store_true", help="ours only")
+    p.set_defaults(fn=bench_asr)
     p = sub.add_parser("vocoder", help=bench_vocoder.__doc__)
     p.add_argument("--model", help="LFM2.5 checkpoint folder (default: the LFM2.5-shaped random test fixture)")
     p.add_argument("--device", default="cpu")

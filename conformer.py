@@ -196,6 +196,32 @@ def pad_mels(mels: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return batch, lengths
 
 
+def split_at_pauses(wave: torch.Tensor, sr: int, max_seconds: float = 30.0, smooth_seconds: float = 0.2
+                    ) -> list[tuple[int, int]]:
+    """Mono wave [T] -> spans (start, end) in samples that tile it, each at most `max_seconds` long, cut at the
+    quietest point of the second half of each window (so chunks are at least max_seconds / 2, but the last).
+    Quiet = the lowest mean energy over `smooth_seconds` around a 10 ms step: the middle of a short pause (in a
+    long silence, as late as the limit allows), or the softest sound when there is no pause. Long audio has to be cut: the encoder's attention is quadratic in the
+    clip's length and the model was trained on short clips."""
+    hop, n = max(1, sr // 100), wave.numel()
+    limit = max(1, int(max_seconds * sr) // hop)  # in steps
+    if n <= limit * hop:
+        return [(0, n)]
+    power = F.pad(wave.double() ** 2, (0, -n % hop)).view(-1, hop).mean(1)  # [steps], per 10 ms
+    width = max(1, int(smooth_seconds * sr) // hop)
+    csum = F.pad(power.cumsum(0), (1, 0))
+    lo = (torch.arange(power.numel()) - width // 2).clamp(0, power.numel())
+    hi = (lo + width).clamp(max=power.numel())
+    energy = (csum[hi] - csum[lo]) / (hi - lo)  # [steps], centred moving average
+    spans, start = [], 0  # in steps
+    while (n - start * hop) > limit * hop:
+        window = energy[start + (limit + 1) // 2: start + limit + 1]
+        cut = start + limit - int(window.flip(0).argmin())  # the last quietest step: long silences, long chunks
+        spans.append((start * hop, cut * hop))
+        start = cut
+    return spans + [(start * hop, n)]
+
+
 # ---- FastConformer encoder ----
 
 @dataclass

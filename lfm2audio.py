@@ -154,43 +154,47 @@ class FeedForward(nn.Module):
 
 
 class KVCache(nn.Module):
-    """Static key/value cache [1, n_kv_heads, max_len, head_dim], written at `input_pos`."""
+    """Static key/value cache [batch, n_kv_heads, max_len, head_dim]: a row per sequence, written at `input_pos`."""
 
-    def __init__(self, n_kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype, device):
+    def __init__(self, n_kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype, device, batch: int = 1):
         super().__init__()
-        shape = (1, n_kv_heads, max_len, head_dim)
+        shape = (batch, n_kv_heads, max_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        self.k[:, :, input_pos] = k
-        self.v[:, :, input_pos] = v
-        return self.k, self.v
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row: int = 0):
+        """k/v [B, KV, T, hd] into rows row .. row+B-1 at input_pos [T] (every row) or [B, 1] (one per row);
+        returns those rows of the cache [B, KV, S, hd]."""
+        rows = torch.arange(row, row + k.shape[0], device=k.device)[:, None]  # [B, 1]
+        self.k[rows, :, input_pos] = k.transpose(1, 2)  # indexed as [B, T, KV, hd]
+        self.v[rows, :, input_pos] = v.transpose(1, 2)
+        return self.k[row:row + k.shape[0]], self.v[row:row + k.shape[0]]
 
 
-def attend(q, k, v, kv_cache: KVCache, input_pos, mask) -> torch.Tensor:
-    """q [1, H, T, hd], k/v [1, KV, T, hd] -> [1, T, H*hd], k/v written to the cache at input_pos first; each
-    query sees the cache's first S' positions where `mask` [T, S'] (or [S'] for T == 1) is True. T > 1: a
-    chunk of a prefill (S' its end: the history before it plus itself, causally); T == 1: a decode step over
-    the whole static cache (S' = S, fixed shapes)."""
-    k_all, v_all = kv_cache.update(input_pos, k, v)
+def attend(q, k, v, kv_cache: KVCache, input_pos, mask, row: int = 0) -> torch.Tensor:
+    """q [B, H, T, hd], k/v [B, KV, T, hd] -> [B, T, H*hd], k/v written to cache rows row .. row+B-1 at
+    input_pos first; each query sees the cache's first S' positions where `mask` is True. T > 1: a chunk of a
+    prefill of one row, mask [T, S'] (S' its end: the history before it plus itself, causally); T == 1: a decode
+    step over the whole static cache (fixed shapes), mask [B, S] (or [S], the same for every row)."""
+    k_all, v_all = kv_cache.update(input_pos, k, v, row)
     if q.shape[2] > 1:
         s = mask.shape[-1]
         y = F.scaled_dot_product_attention(q, k_all[:, :, :s], v_all[:, :, :s], attn_mask=mask, enable_gqa=True)
         return y.transpose(1, 2).flatten(2)
     # written out rather than SDPA: CPU SDPA with a mask is ~10x slower than these two small matmuls at a
     # 4096-position cache; the query heads of one KV head are grouped, so K/V are read once, not repeated
-    _, n_kv, s, hd = k_all.shape
-    qg = q.view(1, n_kv, -1, hd)  # [1, KV, H/KV, hd]: head h uses KV head h // (H/KV)
-    scores = (qg @ k_all.transpose(-1, -2)) * hd ** -0.5  # [1, KV, H/KV, S]
-    scores = scores.masked_fill(~mask, -float("inf"))
-    return (scores.softmax(-1) @ v_all).view(1, 1, -1)
+    b, n_kv, s, hd = k_all.shape
+    qg = q.view(b, n_kv, -1, hd)  # [B, KV, H/KV, hd]: head h uses KV head h // (H/KV)
+    scores = (qg @ k_all.transpose(-1, -2)) * hd ** -0.5  # [B, KV, H/KV, S]
+    scores = scores.masked_fill(~mask.view(-1, 1, 1, s), -float("inf"))
+    return (scores.softmax(-1) @ v_all).view(b, 1, -1)
 
 
 # ---- LFM2 backbone (keys lfm.*) ----
 
 def rope_rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """LFM2's RoPE: the two halves of each head form the pairs. x [B, H, T, hd], cos/sin [T, hd]."""
+    """LFM2's RoPE: the two halves of each head form the pairs. x [B, H, T, hd], cos/sin [T, hd] or
+    [B, 1, 1, hd] (a position per row)."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
@@ -206,7 +210,7 @@ class ShortConv(nn.Module):
         self.in_proj = nn.Linear(dim, 3 * dim, bias=False)
         self.conv = nn.Conv1d(dim, dim, kernel, groups=dim, bias=False)
         self.out_proj = nn.Linear(dim, dim, bias=False)
-        self.register_buffer("state", None, persistent=False)  # [1, kernel-1, dim], made by setup_caches
+        self.register_buffer("state", None, persistent=False)  # [batch, kernel-1, dim], made by setup_caches
 
     def forward(self, x: torch.Tensor, state: torch.Tensor | None = None) -> torch.Tensor:  # x [B, T, D]
         """`state` [B, kernel-1, D]: a caller's own conv state (the audio detokenizer's streams); default ours."""
@@ -236,13 +240,13 @@ class Attention(nn.Module):
         self.k_layernorm = RMSNorm(self.head_dim, cfg.norm_eps)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, input_pos, mask) -> torch.Tensor:  # x [1, T, D]
+    def forward(self, x, cos, sin, input_pos, mask, row: int = 0) -> torch.Tensor:  # x [B, T, D]
         bsz, t, _ = x.shape
         q = self.q_layernorm(self.q_proj(x).view(bsz, t, self.n_heads, self.head_dim)).transpose(1, 2)
         k = self.k_layernorm(self.k_proj(x).view(bsz, t, self.n_kv_heads, self.head_dim)).transpose(1, 2)
         v = self.v_proj(x).view(bsz, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = rope_rotate_half(q, cos, sin), rope_rotate_half(k, cos, sin)
-        return self.out_proj(attend(q, k, v, self.kv_cache, input_pos, mask))
+        return self.out_proj(attend(q, k, v, self.kv_cache, input_pos, mask, row))
 
 
 class LFM2Block(nn.Module):
@@ -256,9 +260,12 @@ class LFM2Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg.dim, cfg.ff_dim)
 
-    def forward(self, x, cos, sin, input_pos, mask) -> torch.Tensor:
+    def forward(self, x, cos, sin, input_pos, mask, row: int = 0) -> torch.Tensor:
         h = self.operator_norm(x)
-        h = self.conv(h) if hasattr(self, "conv") else self.self_attn(h, cos, sin, input_pos, mask)
+        if hasattr(self, "conv"):
+            h = self.conv(h, self.conv.state[row:row + x.shape[0]])  # this batch's rows of the conv states
+        else:
+            h = self.self_attn(h, cos, sin, input_pos, mask, row)
         h = x + h
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -274,10 +281,10 @@ class LFM2(nn.Module):
         self.embedding_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         for name in ("rope_cos", "rope_sin", "positions"):  # made by setup_caches
             self.register_buffer(name, None, persistent=False)
-        self.max_seq_len = 0
-        self.cached: list = []  # what the caches hold: a Chat.positions() key per position, kept by generate
+        self.max_seq_len = self.batch = 0
+        self.cached: list = []  # per cache row, what it holds: a Chat.positions() key per position (generate)
 
-    def setup_caches(self, max_seq_len: int):
+    def setup_caches(self, max_seq_len: int, batch: int = 1):
         w = self.embed_tokens.weight
         head_dim = self.cfg.dim // self.cfg.n_heads
         # the official loader casts the whole model, RoPE inverse frequencies included, to the model dtype;
@@ -290,31 +297,36 @@ class LFM2(nn.Module):
         self.positions = torch.arange(max_seq_len, device=w.device)
         for layer in self.layers:
             if hasattr(layer, "conv"):
-                layer.conv.state = w.new_zeros(1, self.cfg.conv_kernel - 1, self.cfg.dim)
+                layer.conv.state = w.new_zeros(batch, self.cfg.conv_kernel - 1, self.cfg.dim)
             else:
-                layer.self_attn.kv_cache = KVCache(self.cfg.n_kv_heads, max_seq_len, head_dim, w.dtype, w.device)
-        self.max_seq_len = max_seq_len
-        self.cached = []
+                layer.self_attn.kv_cache = KVCache(self.cfg.n_kv_heads, max_seq_len, head_dim, w.dtype, w.device,
+                                                   batch)
+        self.max_seq_len, self.batch = max_seq_len, batch
+        self.cached = [[] for _ in range(batch)]
 
-    def forward(self, x: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        """x [1, T, D] at consecutive positions input_pos [T] -> [1, T, D]: causal within the T positions, which
-        also attend to every cached position before them; conv states carry on from the previous call (`reset`
-        before position 0). T == 1, a decode step, masks the whole static cache: fixed shapes, compilable."""
-        cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
+    def forward(self, x: torch.Tensor, input_pos: torch.Tensor, row: int = 0) -> torch.Tensor:
+        """x [B, T, D] of the sequences in cache rows row .. row+B-1 -> [B, T, D]. T > 1: consecutive positions
+        input_pos [T] of one row, causal within, attending to every cached position before them; conv states
+        carry on from the previous call (`reset` before position 0). T == 1, a decode step, one position per row
+        (input_pos [B, 1]), masks the whole static cache: fixed shapes, compilable."""
         if x.shape[1] == 1:
-            mask = self.positions <= input_pos  # [S]
+            input_pos = input_pos.view(-1, 1)  # [B, 1] ([1, 1]: the same for every row)
+            mask = self.positions <= input_pos  # [B, S]
+            cos, sin = self.rope_cos[input_pos][:, None], self.rope_sin[input_pos][:, None]  # [B, 1, 1, hd]
         else:  # a chunk reads the cache only up to its own end (a host sync; prefill is eager)
             mask = self.positions[:int(input_pos[-1]) + 1] <= input_pos[:, None]  # [T, end]
+            cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]  # [T, hd]
         for layer in self.layers:
-            x = layer(x, cos, sin, input_pos, mask)
+            x = layer(x, cos, sin, input_pos, mask, row)
         return self.embedding_norm(x)
 
-    def reset(self):
-        """Start a new sequence: conv states back to zero (the KV cache needs no reset, it is masked)."""
-        self.cached = []
+    def reset(self, row: int = 0):
+        """Start a new sequence in cache row `row`: its conv states back to zero (the KV cache needs no reset,
+        it is masked)."""
+        self.cached[row] = []
         for layer in self.layers:
             if hasattr(layer, "conv"):
-                layer.conv.state.zero_()
+                layer.conv.state[row].zero_()
 
 
 # ---- depthformer (keys depthformer.*) ----
@@ -347,7 +359,7 @@ class DepthAttention(nn.Module):
         self.bounded_attention = QKNorm(self.head_dim)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, input_pos, mask) -> torch.Tensor:  # x [1, 1, dim]
+    def forward(self, x, cos, sin, input_pos, mask) -> torch.Tensor:  # x [B, 1, dim]
         kv_width = DEPTH_KV_HEADS * self.head_dim
         q, k, v = self.qkv_proj(x).split([x.shape[-1], kv_width, kv_width], dim=-1)
         q = self.bounded_attention.q_layernorm(q.unflatten(-1, (DEPTH_HEADS, self.head_dim))).transpose(1, 2)
@@ -380,7 +392,7 @@ class Depthformer(nn.Module):
         for name in ("rope_cos", "rope_sin", "positions"):  # made by setup_caches
             self.register_buffer(name, None, persistent=False)
 
-    def setup_caches(self):
+    def setup_caches(self, batch: int = 1):
         w = self.layers[0].operator_norm.weight  # the model's dtype and device (the linears may be int8)
         head_dim = self.layers[0].operator.head_dim
         # fp32 whatever the model dtype: the official table is complex64 and is not cast with the model
@@ -389,10 +401,10 @@ class Depthformer(nn.Module):
         self.rope_cos, self.rope_sin = angles.cos().to(w.device), angles.sin().to(w.device)
         self.positions = torch.arange(self.codebooks, device=w.device)
         for layer in self.layers:
-            layer.operator.kv_cache = KVCache(DEPTH_KV_HEADS, self.codebooks, head_dim, w.dtype, w.device)
+            layer.operator.kv_cache = KVCache(DEPTH_KV_HEADS, self.codebooks, head_dim, w.dtype, w.device, batch)
 
     def forward(self, x: torch.Tensor, k: int) -> torch.Tensor:
-        """x [1, 1, dim] for codebook k -> [1, 1, dim]; positions past k are masked, so no reset is needed."""
+        """x [B, 1, dim] for codebook k -> [B, 1, dim]; positions past k are masked, so no reset is needed."""
         input_pos = self.positions[k:k + 1]
         mask = self.positions <= k  # [8]
         cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
@@ -423,15 +435,15 @@ class SharedEmbedding(nn.Module):
 # ---- sampling ----
 
 def sample(logits: torch.Tensor, temperature: float | None = None, top_k: int | None = None) -> torch.Tensor:
-    """logits [V] -> id [1]. Greedy when temperature is None/<= 0 or top_k == 1; else temperature, top-k
-    mask, softmax, multinomial (the official order, so seeded draws agree)."""
+    """logits [..., V] -> ids [..., 1], each row on its own. Greedy when temperature is None/<= 0 or top_k == 1;
+    else temperature, top-k mask, softmax, multinomial (the official order, so seeded draws agree)."""
     if temperature is None or temperature <= 0 or top_k == 1:
-        return logits.argmax(keepdim=True)
+        return logits.argmax(-1, keepdim=True)
     logits = logits / temperature
     if top_k is not None:
-        kth = torch.topk(logits, top_k).values[-1]
+        kth = torch.topk(logits, top_k).values[..., -1:]
         logits = logits.masked_fill(logits < kth, -float("inf"))
-    return torch.multinomial(logits.softmax(0), 1)
+    return torch.multinomial(logits.softmax(-1), 1)
 
 
 # ---- chat prompt ----
@@ -600,10 +612,11 @@ class LFM2Audio(nn.Module):
             (f"depth_embeddings.{k}", e) for k, e in enumerate(self.depth_embeddings)]
         return [(f"{n}.embedding.weight", f"{n}.to_logits.weight") for n, e in embeddings if e.tie]
 
-    def setup_caches(self, max_seq_len: int):
-        """Allocate the static caches: the backbone's for `max_seq_len` positions, the depthformer's 8 steps."""
-        self.lfm.setup_caches(max_seq_len)
-        self.depthformer.setup_caches()
+    def setup_caches(self, max_seq_len: int, batch: int = 1):
+        """Allocate the static caches, a row per sequence of a batch: the backbone's for `max_seq_len` positions,
+        the depthformer's 8 steps."""
+        self.lfm.setup_caches(max_seq_len, batch)
+        self.depthformer.setup_caches(batch)
 
     # -- prompt embedding --
 
@@ -644,28 +657,30 @@ class LFM2Audio(nn.Module):
 
     # -- the two steps of the backbone --
 
-    def prefill(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """Embeddings [1, L, D] of positions start .. start+L-1 -> the last one's hidden state [D]; fills the
-        caches. start 0 begins a new sequence, else the caches must hold the positions before `start`. Runs in
-        chunks of PREFILL_CHUNK positions, so memory stays bounded however long the prompt."""
+    def prefill(self, x: torch.Tensor, start: int = 0, row: int = 0) -> torch.Tensor:
+        """Embeddings [1, L, D] of positions start .. start+L-1 -> the last one's hidden state [D]; fills cache
+        row `row`, the other rows untouched. start 0 begins a new sequence, else the row must hold the positions
+        before `start`. Runs in chunks of PREFILL_CHUNK positions, so memory stays bounded however long the
+        prompt."""
         if start == 0:
-            self.lfm.reset()
-        self.lfm.cached = []  # the caches change under the record: generate sets it again
+            self.lfm.reset(row)
+        self.lfm.cached[row] = []  # the caches change under the record: generate sets it again
         positions = torch.arange(start, start + x.shape[1], device=x.device)
         for i in range(0, x.shape[1], PREFILL_CHUNK):
-            h = self.lfm(x[:, i:i + PREFILL_CHUNK], positions[i:i + PREFILL_CHUNK])
+            h = self.lfm(x[:, i:i + PREFILL_CHUNK], positions[i:i + PREFILL_CHUNK], row)
         return h[0, -1]
 
-    def cached_prefix(self, keys: list) -> int:
+    def cached_prefix(self, keys: list, row: int = 0) -> int:
         """How many of a chat's first positions (`keys`: its Chat.positions()) the backbone caches hold, to be
         prefilled no more: every cached position must be the chat's, in order, and at least one position new
         (the last one's hidden state is where generation starts). 0: prefill the whole chat."""
-        n = len(self.lfm.cached)
-        return n if n < len(keys) and keys[:n] == self.lfm.cached else 0
+        held = self.lfm.cached[row]
+        return len(held) if len(held) < len(keys) and keys[:len(held)] == held else 0
 
     def decode_one(self, x: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        """One embedding [1, 1, D] at position input_pos [1] -> hidden state [D]. Fixed shapes: compilable."""
-        return self.lfm(x, input_pos)[0, -1]
+        """One embedding per row [B, 1, D] at positions input_pos [B, 1] -> hidden states [B, D]. Fixed shapes:
+        compilable. On a CPU the step reads the weights once whatever B: a batch costs little more than one."""
+        return self.lfm(x, input_pos)[:, -1]
 
     def text_logits(self, h: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "text_head"):  # an int8 copy of the tied embedding (quantize)
@@ -675,23 +690,25 @@ class LFM2Audio(nn.Module):
     # -- one generated item, on the device: sampled ids and the next input embedding, no host sync --
 
     def text_step(self, h: torch.Tensor, temperature: float | None, top_k: int | None):
-        """Hidden state [D] -> (token [1], its embedding [1, 1, D])."""
+        """Hidden states [B, D] (or [D]) -> (tokens [B, 1] (or [1]), their embeddings [B, 1, D])."""
         token = sample(self.text_logits(h), temperature, top_k)
-        return token, self.lfm.embed_tokens(token)[None]
+        return token, self.lfm.embed_tokens(token).view(-1, 1, h.shape[-1])
 
     def audio_step(self, h: torch.Tensor, temperature: float | None, top_k: int | None):
-        """Hidden state [D] -> (frame [8], its embedding [1, 1, D]). The depthformer runs once per codebook, its
-        input the frame's projection plus the embedding of the previous codebook's code. A frame whose codebook
-        0 is the end of audio becomes all end-of-audio codes (as the official loop does), without a host sync."""
-        d = self.depth_linear(h).view(self.cfg.codebooks, -1)  # [8, depth_dim]
-        prev, codes = torch.zeros_like(d[0]), []
+        """Hidden states [B, D] (or [D]) -> (frames [B, 8] (or [8]), their embeddings [B, 1, D]). The depthformer
+        runs once per codebook, its input the frame's projection plus the embedding of the previous codebook's
+        code. A frame whose codebook 0 is the end of audio becomes all end-of-audio codes (as the official loop
+        does), without a host sync."""
+        hb = h.view(-1, h.shape[-1])  # [B, D]
+        d = self.depth_linear(hb).view(hb.shape[0], self.cfg.codebooks, -1)  # [B, 8, depth_dim]
+        prev, codes = torch.zeros_like(d[:, 0]), []
         for k, head in enumerate(self.depth_embeddings):
-            y = self.depthformer((d[k] + prev)[None, None], k)[0, 0]  # [depth_dim]
-            codes.append(sample(head.logits(y), temperature, top_k))
-            prev = head.embedding(codes[-1])[0]
-        frame = torch.cat(codes)  # [8]
-        frame = torch.where(frame[0] == END_OF_AUDIO, END_OF_AUDIO, frame)
-        return frame, self.embed_audio_out(frame[:, None])[None]
+            y = self.depthformer((d[:, k] + prev)[:, None], k)[:, 0]  # [B, depth_dim]
+            codes.append(sample(head.logits(y), temperature, top_k))  # [B, 1]
+            prev = head.embedding(codes[-1])[:, 0]
+        frame = torch.cat(codes, dim=1)  # [B, 8]
+        frame = torch.where(frame[:, :1] == END_OF_AUDIO, END_OF_AUDIO, frame)
+        return frame.view(*h.shape[:-1], -1), self.embed_audio_out(frame.T)[:, None]
 
     def compile_decode(self, mode: str | None = None) -> "LFM2Audio":
         """Compile the decode path with torch.compile: the backbone step over the static caches, and each
@@ -717,43 +734,118 @@ class LFM2Audio(nn.Module):
                  text_temperature: float | None = None, text_top_k: int | None = None,
                  audio_temperature: float | None = None, audio_top_k: int | None = None
                  ) -> Iterator[tuple[str, object]]:
-        """Yield ("text", id) and ("audio", codes LongTensor[8]) as produced, by the rules of `mode` (`Modality`);
-        `max_new_tokens` counts backbone steps, as the official generate_interleaved / generate_sequential do.
-        One host sync per item (the id, or codebook 0, chooses what comes next); the rest stays on the device.
+        """Yield ("text", id) and ("audio", codes LongTensor[8]) as they are produced, by the rules of `mode`
+        (see `Modality`); `max_new_tokens` counts backbone steps, as the official generate_interleaved /
+        generate_sequential do. A prefill, then one loop of one item per step; each item costs one host sync
+        (reading the id, or codebook 0, to choose what comes next); sampling and the next input embedding stay
+        on the device.
 
         The backbone's caches outlive the call: they hold the prompt and every generated item fed back (all but
         the last). A chat that continues that history (its answer appended, a new turn added) prefills only its
         new positions; any other chat (edited, reset, or last run on another model) is prefilled whole."""
-        n = len(chat)
-        if n + max_new_tokens > self.lfm.max_seq_len:
-            raise ValueError(f"prompt of {n} positions + {max_new_tokens} new tokens exceeds the context of "
-                             f"{self.lfm.max_seq_len} (raise max_seq_len)")
-        turn = Modality(mode, self.cfg.interleaved_n_text, self.cfg.interleaved_n_audio)
-        keys = chat.positions()
-        start = self.cached_prefix(keys)
-        h = self.prefill(self.embed_prompt(chat, start), start)  # [D], the last prompt position
-        self.lfm.cached = keys
-        pos = torch.tensor([n], device=h.device)  # where the next input goes
-        for step in range(max_new_tokens):
+        for _, item, _ in self._generate([chat], mode, max_new_tokens, 1, text_temperature, text_top_k,
+                                         audio_temperature, audio_top_k):
+            if item is not None:
+                yield item
+
+    @torch.no_grad()
+    def generate_batch(self, chats: list[Chat], mode: str = "interleaved", max_new_tokens: int = 512,
+                       batch_size: int = 8, text_temperature: float | None = None, text_top_k: int | None = None,
+                       audio_temperature: float | None = None, audio_top_k: int | None = None
+                       ) -> Iterator[tuple[int, list]]:
+        """Several chats decoded together, up to `batch_size` at once: yield (i, the items of chats[i]) as each
+        answer ends, so in the order they end (`dict(model.generate_batch(chats))` collects them). Each chat's
+        answer is generate()'s (greedy: item for item; sampled: from other draws): every chat has its own
+        positions and stops on its own, and a chat that ends frees its cache row for the next one."""
+        answers = {}
+        for i, item, over in self._generate(chats, mode, max_new_tokens, batch_size, text_temperature,
+                                            text_top_k, audio_temperature, audio_top_k):
+            if item is not None:
+                answers.setdefault(i, []).append(item)
+            if over:
+                yield i, answers.pop(i, [])
+
+    def _generate(self, chats, mode, max_new_tokens, batch_size, text_temperature, text_top_k, audio_temperature,
+                  audio_top_k) -> Iterator[tuple[int, tuple | None, bool]]:
+        """The loop of generate and generate_batch: yields (chat index, item or None when not yielded, the
+        answer is over) per running chat per step. Up to `batch_size` chats run at once, a cache row each: a
+        row whose chat is over takes the next chat (prefilled alone, the others wait), the others go on. A step
+        is one backbone pass over all rows, then the text head and/or the depthformer over all rows (a row
+        that is over computes along, unused: fixed shapes), then one host sync for all."""
+        if self.lfm.max_seq_len == 0:
+            raise ValueError("caches not set up: call setup_caches(max_seq_len) first")
+        for chat in chats:
+            if len(chat) + max_new_tokens > self.lfm.max_seq_len:
+                raise ValueError(f"prompt of {len(chat)} positions + {max_new_tokens} new tokens exceeds the "
+                                 f"context of {self.lfm.max_seq_len} (raise max_seq_len)")
+        n_rows = min(batch_size, len(chats))
+        if self.lfm.batch < n_rows:
+            self.setup_caches(self.lfm.max_seq_len, n_rows)
+        w = self.embed_tokens_weight
+        h = w.new_zeros(n_rows, w.shape[1])  # [B, D]: each row's last hidden state
+        pos = torch.zeros(n_rows, 1, dtype=torch.long, device=w.device)  # [B, 1]: where each row's next input goes
+        rows: list[_Row | None] = [None] * n_rows
+        queue = iter(enumerate(chats))
+        while True:
+            for r in range(n_rows):  # free rows take the next chats
+                if rows[r] is None and (job := next(queue, None)) is not None:
+                    i, chat = job
+                    keys = chat.positions()
+                    start = self.cached_prefix(keys, r)
+                    h = h.clone()  # h may be a compiled graph's output, reused by its next replay
+                    h[r] = self.prefill(self.embed_prompt(chat, start), start, r)
+                    self.lfm.cached[r] = keys
+                    pos[r] = len(chat)
+                    turn = Modality(mode, self.cfg.interleaved_n_text, self.cfg.interleaved_n_audio)
+                    rows[r] = _Row(i, turn, max_new_tokens, keys)
+            live = [r for r in range(n_rows) if rows[r] is not None]
+            if not live:
+                return
             if self.compiled == "reduce-overhead":  # a new step: a graph replay may overwrite earlier outputs
                 torch.compiler.cudagraph_mark_step_begin()
-            if step:
-                self.lfm.cached = []  # while the step writes: a step cut half-way leaves caches matching nothing
+            text = [rows[r] is None or rows[r].turn.text for r in range(n_rows)]  # rows that are over: either
+            if any(text[r] for r in live):
+                tokens, x = self.text_step(h, text_temperature, text_top_k)
+                tokens = tokens[:, 0].tolist()  # the host sync of this step
+            if not all(text[r] for r in live):
+                frames, xa = self.audio_step(h, audio_temperature, audio_top_k)
+                codes = frames.tolist()  # the host sync of this step (codebook 0 decides what comes next)
+                x = xa if all(not text[r] for r in live) else torch.where(
+                    torch.tensor(text, device=w.device)[:, None, None], x, xa)
+            for r in live:
+                row = rows[r]
+                if text[r]:
+                    item, row.fed = ("text", tokens[r]), tokens[r]
+                else:  # the caller keeps the frame; a graph replay would overwrite it
+                    item, row.fed = ("audio", frames[r].clone()), tuple(codes[r])
+                emit, done = row.turn.next(item[0], row.fed)
+                row.left -= 1
+                yield row.i, item if emit else None, done or not row.left
+                if done or not row.left:
+                    rows[r] = None
+            running = [rows[r] is not None for r in range(n_rows)]
+            if any(running):
+                # the step writes every row: a row that is over no longer matches its record, nor does a row cut
+                # half-way through the step
+                for r in range(n_rows):
+                    self.lfm.cached[r] = []
                 h = self.decode_one(x, pos)
-                pos += 1
-                keys.append(item[1] if item[0] == "text" else tuple(item[1].tolist()))
-                self.lfm.cached = keys
-            if turn.text:
-                token, x = self.text_step(h, text_temperature, text_top_k)
-                item = ("text", int(token))  # the one host sync of this step
-            else:
-                frame, x = self.audio_step(h, audio_temperature, audio_top_k)
-                item = ("audio", frame.clone())  # the caller keeps it; a graph replay would overwrite it
-            emit, done = turn.next(*item)
-            if emit:
-                yield item
-            if done:
-                return
+                pos += torch.tensor(running, device=w.device)[:, None]
+                for r in range(n_rows):
+                    if running[r]:
+                        rows[r].keys.append(rows[r].fed)
+                        self.lfm.cached[r] = rows[r].keys
+
+
+@dataclass
+class _Row:
+    """A chat being answered in a cache row of `LFM2Audio._generate`."""
+
+    i: int  # its index in the chats
+    turn: "Modality"
+    left: int  # backbone steps left
+    keys: list  # Chat.positions() keys of what its cache row holds
+    fed: object = None  # the key of its latest item, which the next step feeds back
 
 
 class Modality:

@@ -3,6 +3,7 @@
     python run.py --wav assets/question.wav               # spoken answer: text on stdout, audio in answer.wav
     python run.py --text "What is the capital of France?"
     python run.py --mode asr --wav assets/asr.wav         # transcript on stdout
+    python run.py --mode asr --wav a.wav --wav b.wav --text-out a.srt   # any length, cut into <= 30 s chunks
     python run.py --mode tts --text "Hello!" --voice uk-female --out hello.wav
     python run.py --chat                                  # multi-turn: type text or a wav path per turn
 
@@ -17,6 +18,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import soundfile as sf
@@ -37,6 +39,9 @@ GENERATION = {"chat": "interleaved", "asr": "sequential", "tts": "sequential"}
 # audio top-k); None = greedy. Text is always greedy there; chat audio uses 1.0 / 4, TTS audio 0.8 / 64.
 SAMPLING = {"chat": (None, None, 1.0, 4), "asr": (None, None, None, None), "tts": (None, None, 0.8, 64)}
 MAX_NEW_TOKENS = 512  # the official examples' value
+CHUNK_SECONDS = 30.0  # ASR: longer recordings are cut at pauses into chunks of at most this
+TEXT_FORMATS = (".txt", ".srt", ".vtt")
+BATCH = 8  # ASR chunks decoded together
 CONTEXT = 4096  # positions of the static caches: ~3 minutes of spoken conversation
 SILENCE = 1e-4  # peak below this (~3 LSB of 16-bit audio) means there is nothing to hear
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
@@ -55,13 +60,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = Parser(description="LFM2-Audio-1.5B: speech-to-speech chat, ASR and TTS.")
     p.add_argument("--mode", choices=["chat", "asr", "tts"], default="chat",
                    help="chat: interleaved text+audio answer (default); asr: transcript; tts: speech of --text")
-    p.add_argument("--wav", help="the user's audio (any rate; multi-channel is averaged to mono)")
+    p.add_argument("--wav", action="append",
+                   help="the user's audio (any rate; multi-channel is averaged to mono); --mode asr takes several")
     p.add_argument("--text", help="the user's text (with --wav: after the audio in the same turn)")
     p.add_argument("--voice", choices=list(VOICES), default="uk-male", help="TTS voice (default uk-male)")
     p.add_argument("--chat", action="store_true",
                    help="multi-turn: read one turn per line from stdin (a wav path or text); empty line ends")
     p.add_argument("--out", default="answer.wav",
                    help="24 kHz wav of the spoken answer (default answer.wav; --chat: answer_1.wav, ...)")
+    p.add_argument("--text-out", help="ASR: also write the transcript as .txt, or .srt/.vtt subtitles with the "
+                                      "chunks' time spans (several --wav: FILE_1.srt, ...); never overwrites")
+    p.add_argument("--chunk-seconds", type=float, default=CHUNK_SECONDS,
+                   help=f"ASR: longest chunk a recording is cut into, at its quietest points "
+                        f"(default {CHUNK_SECONDS:g})")
+    p.add_argument("--batch", type=int, default=BATCH,
+                   help=f"ASR: chunks decoded at once (default {BATCH}); on a CPU a batch costs little more than one")
     p.add_argument("--codes-out", help="write the prompt ids and generated items as JSON (--chat: FILE_1.json, ...)")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"Hugging Face repo id or local folder ({DEFAULT_MODEL})")
     p.add_argument("--system", help="system prompt (default: the official one of the mode)")
@@ -92,6 +105,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.max_new_tokens < 1 or args.context < 2:
         p.error("--max-new-tokens must be >= 1 and --context >= 2")
+    if args.batch < 1:
+        p.error("--batch must be >= 1")
+    if not 0.1 <= args.chunk_seconds <= CHUNK_SECONDS:
+        p.error(f"--chunk-seconds must be between 0.1 and {CHUNK_SECONDS:g}")
+    if args.mode != "asr" and (args.text_out or len(args.wav or []) > 1):
+        p.error("--text-out and several --wav are for --mode asr")
     if not args.chat:
         if args.drop_old_turns:
             p.error("--drop-old-turns needs --chat")
@@ -436,6 +455,145 @@ def read_user_turn(chat: Chat) -> bool:
         return True
 
 
+# ---- ASR of recordings of any length ----
+
+def timestamp(seconds: float, sep: str = ".") -> str:
+    """HH:MM:SS.mmm (srt wants a comma before the milliseconds)."""
+    ms = round(seconds * 1000)
+    return f"{ms // 3_600_000:02d}:{ms // 60_000 % 60:02d}:{ms // 1000 % 60:02d}{sep}{ms % 1000:03d}"
+
+
+class TranscriptWriter:
+    """--text-out in the format its suffix names: .txt (a line per chunk), .srt or .vtt (a cue per chunk with
+    its time span). Written chunk by chunk, so a long run leaves a usable file if it is stopped; chunks without
+    text (silence) are left out."""
+
+    def __init__(self, path: Path):
+        self.path, self.fmt, self.cues = path, path.suffix.lower(), 0
+        self.file = open(path, "x", encoding="utf-8")  # "x": check_text_outputs made sure it does not exist
+        if self.fmt == ".vtt":
+            self.file.write("WEBVTT\n\n")
+
+    def write(self, start: float, end: float, text: str):
+        if not text:
+            return
+        self.cues += 1
+        if self.fmt == ".srt":
+            self.file.write(f"{self.cues}\n{timestamp(start, ',')} --> {timestamp(end, ',')}\n{text}\n\n")
+        elif self.fmt == ".vtt":
+            self.file.write(f"{timestamp(start)} --> {timestamp(end)}\n{text}\n\n")
+        else:
+            self.file.write(text + "\n")
+        self.file.flush()
+
+    def close(self):
+        self.file.close()
+
+
+def text_out_paths(args) -> list[Path | None]:
+    """One --text-out file per --wav (numbered when there are several), checked before the long load: a known
+    format, a folder to write into, and no existing file (a transcript is never overwritten)."""
+    if not args.text_out:
+        return [None] * len(args.wav)
+    if Path(args.text_out).suffix.lower() not in TEXT_FORMATS:
+        raise ValueError(f"--text-out {args.text_out}: give a name ending in {', '.join(TEXT_FORMATS)}")
+    paths = [numbered(args.text_out, i + 1 if len(args.wav) > 1 else None) for i in range(len(args.wav))]
+    for path in paths:
+        if path.exists():
+            raise ValueError(f"{path}: already exists, not overwritten (remove it or give another --text-out)")
+        if not path.resolve().parent.is_dir():
+            raise FileNotFoundError(f"{path}: no such folder to write into")
+    return paths
+
+
+@dataclass
+class Chunk:
+    file: int  # index into --wav
+    start: float  # seconds into the recording
+    end: float
+    chat: Chat | None  # the ASR prompt of the chunk; None for a silent chunk, not transcribed
+
+
+def asr_chunks(model: LFM2Audio, args, waves: list[torch.Tensor]) -> list[Chunk]:
+    """Every recording (16 kHz) cut at its pauses into chunks of at most --chunk-seconds, each with the official
+    ASR prompt on its own."""
+    chunks = []
+    for f, wave in enumerate(waves):
+        for a, b in conformer.split_at_pauses(wave, conformer.SAMPLE_RATE, args.chunk_seconds):
+            chat = None
+            if float(wave[a:b].abs().max()) >= SILENCE:
+                chat = new_chat(model, args)
+                add_user_turn(chat, (wave[a:b], conformer.SAMPLE_RATE), args.text)
+            chunks.append(Chunk(f, a / conformer.SAMPLE_RATE, b / conformer.SAMPLE_RATE, chat))
+    return chunks
+
+
+def run_asr(args, model: LFM2Audio, load_s: float, waves: list[torch.Tensor], text_paths: list) -> int:
+    """Transcribe each --wav chunk by chunk, --batch chunks decoded at once: a line per chunk
+    `[start --> end] text` on stdout (in order, under a `==> file <==` header when there are several files), a
+    progress line per chunk on stderr, --text-out and --codes-out (numbered per chunk when there are several)
+    written as chunks finish."""
+    t0 = time.perf_counter()
+    chunks = asr_chunks(model, args, waves)
+    todo = [k for k, c in enumerate(chunks) if c.chat is not None]  # silent chunks are not transcribed
+    longest = max((len(chunks[k].chat) for k in todo), default=0)
+    max_new = min(args.max_new_tokens, args.context - longest)
+    if max_new < 1:
+        raise ContextFull(f"a chunk's prompt has {longest} positions, the context {args.context} (--context)")
+    if max_new < args.max_new_tokens:
+        print(f"note: transcripts limited to {max_new} tokens per chunk by the context of {args.context}",
+              file=sys.stderr)
+    # caches for this run alone: every row holds a chunk's prompt and transcript, no more (a decode step reads
+    # its whole static cache)
+    model.setup_caches(longest + max_new, max(1, min(args.batch, len(todo))))
+    control = {t["id"] for t in model.tokenizer.added.values()}
+    writers = [TranscriptWriter(p) if p else None for p in text_paths]
+    texts, shown, audio_s, total_s = {}, 0, 0.0, sum(c.end - c.start for c in chunks)
+    first_text = None
+    try:
+        for i, items in model.generate_batch([chunks[k].chat for k in todo], GENERATION[args.mode], max_new,
+                                             args.batch, **sampling(args)):
+            k = todo[i]
+            c = chunks[k]
+            if items[-1] != ("text", IM_END):  # only the bound ends a sequential answer otherwise
+                print(f"note: {args.wav[c.file]} [{timestamp(c.start)} --> {timestamp(c.end)}]: the transcript "
+                      f"reached --max-new-tokens {max_new} and is cut there", file=sys.stderr)
+            if items[-1] == ("text", IM_END):  # the turn's end is not content
+                items.pop()
+            if args.codes_out:
+                codes = numbered(args.codes_out, k + 1 if len(chunks) > 1 else None)
+                codes.write_text(json.dumps({"prompt_ids": c.chat.text, "items": [
+                    [kind, v if kind == "text" else v.tolist()] for kind, v in items]}))
+            ids = [v for kind, v in items if kind == "text" and v not in control]
+            texts[k] = model.tokenizer.decode(ids).strip()
+            audio_s += c.end - c.start
+            print(f"[asr] {len(texts)}/{len(todo)} chunks | {audio_s:.1f} of {total_s:.1f} s of audio | "
+                  f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
+            while shown < len(chunks) and (chunks[shown].chat is None or shown in texts):  # in order
+                shown = show_chunk(chunks, shown, texts.get(shown, ""), len(waves) > 1, args.wav, writers)
+                first_text = first_text or time.perf_counter() - t0
+    finally:
+        for w in writers:
+            if w is not None:
+                w.close()
+    took = time.perf_counter() - t0
+    print(f"[time] load {load_s:.2f} s | first text {first_text or took:.2f} s | {len(chunks)} chunk"
+          f"{'s' * (len(chunks) > 1)}, {total_s:.1f} s of audio in {took:.2f} s "
+          f"({total_s / took:.1f} s of audio per second)", file=sys.stderr)
+    return 0
+
+
+def show_chunk(chunks: list[Chunk], k: int, text: str, several: bool, names: list[str], writers: list) -> int:
+    """Print chunk k (and the file's header first, for several files), add it to --text-out; the next k."""
+    c = chunks[k]
+    if several and (k == 0 or chunks[k - 1].file != c.file):
+        print(f"==> {names[c.file]} <==")
+    print(f"[{timestamp(c.start)} --> {timestamp(c.end)}] {text}".rstrip(), flush=True)
+    if writers[c.file] is not None:
+        writers[c.file].write(c.start, c.end, text)
+    return k + 1
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     sys.stdout.reconfigure(errors="replace")  # a terminal that cannot show a character gets '?', not a crash
@@ -443,7 +601,12 @@ def main(argv=None) -> int:
         torch.manual_seed(args.seed)
     try:
         check_outputs(args)  # bad input or output fails before the long load
-        audio = read_audio(args.wav) if args.wav else None
+        if args.mode == "asr" and not args.chat:
+            text_paths = text_out_paths(args)
+            waves = [read_audio(path)[0] for path in args.wav]
+            model, _, load_s = load(args)
+            return run_asr(args, model, load_s, waves, text_paths)
+        audio = read_audio(args.wav[0]) if args.wav else None
         model, decoder, load_s = load(args)
         if args.chat:
             return run_chat(args, model, decoder, load_s, audio)

@@ -35,7 +35,8 @@ def chat_pair(tiny_ckpt, official_tiny):
 def _record_prefills(model, monkeypatch) -> list:
     """A list that gets (start, number of positions) of each `model.prefill` call."""
     calls, prefill = [], model.prefill
-    monkeypatch.setattr(model, "prefill", lambda x, start=0: calls.append((start, x.shape[1])) or prefill(x, start))
+    monkeypatch.setattr(model, "prefill",
+                        lambda x, start=0, row=0: calls.append((start, x.shape[1])) or prefill(x, start, row))
     return calls
 
 
