@@ -314,6 +314,10 @@ def _bench_impl(make, args) -> dict:
 
     gc.collect()
     _rss_reset()
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
     impl = make()
     res = {"load_s": time.perf_counter() - t}
@@ -333,6 +337,7 @@ def _bench_impl(make, args) -> dict:
     res["tts"] = _steady(tts_run, audio_only=True)
     res["items"] = {"chat": chat_run["items"], "tts": tts_run["items"]}
     res["peak_rss_gb"] = _rss_peak_gb()
+    res["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     if isinstance(impl, _Ours):
         res["weight_bytes"] = _weight_bytes(impl.model)
     res["name"] = impl.name
@@ -404,6 +409,7 @@ def bench_decode(args) -> dict:
                ("tts_fps", ("tts", "fps")), ("tts_rtf", ("tts", "rtf")),
                ("chat_frame_lm_s", ("chat", "frame_lm_s")), ("chat_text_lm_s", ("chat", "text_lm_s")),
                ("chat_fps", ("chat", "fps")), ("chat_rtf", ("chat", "rtf")), ("peak_rss_gb", ("peak_rss_gb",)),
+               ("peak_gpu_gb", ("peak_gpu_gb",)),
                ("compile_s", ("compile_s",))]
     table = {name: {m: med(name, *path) for m, path in metrics} for name in runs}
     print(f"decode bench: {folder.name}, {args.device} {' '.join(args.dtype)}, {args.steps} greedy steps per "
@@ -600,19 +606,19 @@ def teacher_forced(model, chat, items) -> dict:
     with torch.no_grad():
         x = model.embed_prompt(chat)
         h = model.prefill(x)
-        pos = torch.tensor([len(chat) - 1], device=x.device)
+        pos = torch.tensor([[len(chat) - 1]], device=x.device)  # [B=1, 1]
         logits, hidden = [], []
         for i, (kind, value) in enumerate(items):
             if i:
                 pos += 1
-                h = model.decode_one(x, pos)
+                h = model.decode_one(x, pos)[0]  # [D]
             hidden.append(h.float().cpu())
             if kind == "text":
                 logits.append(model.text_logits(h).float().cpu())
                 x = model.lfm.embed_tokens(torch.tensor([value], device=x.device))[None]
                 continue
             codes = torch.as_tensor(value, device=x.device)  # [8]
-            d = model.depth_linear(h).view(model.cfg.codebooks, -1)  # [8, depth_dim], as sample_audio_frame
+            d = model.depth_linear(h).view(model.cfg.codebooks, -1)  # [8, depth_dim], as audio_step
             prev = torch.zeros_like(d[0])
             for k, head in enumerate(model.depth_embeddings):
                 y = model.depthformer((d[k] + prev)[None, None], k)[0, 0]
