@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -21,6 +22,7 @@ import time
 import unicodedata
 from pathlib import Path
 
+import huggingface_hub
 import numpy as np
 import pytest
 import soundfile as sf
@@ -28,13 +30,18 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch import nn
 
+import bench
 import conformer
 import lfm2audio
 import run
 from conftest import official
+from detokenizer import DELAY, Detokenizer
+from detokenizer import FRAME_SIZE as DETOK_FRAME_SIZE
 from fixtures import (
     ASSETS,
+    DETOKENIZER_DIR,
     END_OF_AUDIO,
     FULL_CONFIG,
     IM_END,
@@ -51,11 +58,13 @@ from fixtures import (
     mimi_file_tensors,
     official_append,
     official_generate,
+    official_processor_cpu,
     official_prompt,
     stream_events,
     write_mimi,
     write_tokenizer,
 )
+from lfm2audio import Int8Linear, LFM2Audio
 from mimi import CARDINALITY, FRAME_SIZE, Mimi, N_CODEBOOKS
 from tokenizer import Tokenizer, _Splitter
 
@@ -1153,6 +1162,504 @@ def test_lfm2audio_full_size_chat():
 
 
 # ====================================================================================================
+# Conversations: caches kept across turns
+#
+# Conversations that keep the backbone caches across turns: chunked prefill, cache reuse, staleness, dropping old
+# turns, in lfm2audio.py and in run.py --chat. Everything against the official multi-turn chat (`ChatState.append`
+# + a full `generate_interleaved` per turn, greedy) on the tiny test checkpoint, float32 on the CPU: prompts and
+# items identical; chunked vs whole prefill hidden states within CHAT_RTOL (1e-5) of the whole's max abs.
+# ====================================================================================================
+
+CHAT_N = 150  # backbone steps per turn: enough for turns that stop at <|im_end|> (turn 2) and at the limit
+CHAT_RTOL = 1e-5  # chunked vs whole prefill hidden states: max abs diff <= CHAT_RTOL * max abs of the whole
+# the user turns of a conversation: spoken and typed alternating
+CHAT_TURNS = [("audio", "question.wav"), ("text", "What is the capital of France?"), ("audio", "asr.wav"),
+         ("text", "Tell me more about it.")]
+
+
+@pytest.fixture(scope="module")
+def chat_pair(tiny_ckpt, official_tiny):
+    """(ours, official model, official processor) on the tiny checkpoint, float32."""
+    off, proc = official_tiny
+    ours = lfm2audio.LFM2Audio.from_pretrained(tiny_ckpt, dtype=torch.float32, max_seq_len=2048)
+    return ours, off, proc
+
+
+def _chat_record_prefills(model, monkeypatch) -> list:
+    """A list that gets (start, number of positions) of each `model.prefill` call."""
+    calls, prefill = [], model.prefill
+    monkeypatch.setattr(model, "prefill",
+                        lambda x, start=0, row=0: calls.append((start, x.shape[1])) or prefill(x, start, row))
+    return calls
+
+
+def _chat_add_user_turn(chat, turn, official: bool):
+    """The next user turn (audio or text) on our Chat or the official ChatState; the assistant's opened."""
+    kind, value = turn
+    chat.new_turn("user")
+    if kind == "audio":
+        wave, rate = conformer.load_audio(ASSETS / value)
+        chat.add_audio(wave[None] if official else wave, rate)
+    else:
+        chat.add_text(value)
+    chat.end_turn()
+    chat.new_turn("assistant")
+
+
+def _chat_next_turn(chat, items, turn, official: bool):
+    """The finished answer into the history, as the official demo does; then the next user turn."""
+    if official:
+        official_append(chat, items)
+    else:
+        chat.append(items)
+    chat.end_turn()
+    _chat_add_user_turn(chat, turn, official)
+
+
+def test_chat_chunked_prefill_equals_whole(chat_pair, monkeypatch):
+    """Chunks at any start (lengths 1, 39, 1, 87, 172: the decode-step path included) give the hidden states
+    of one whole prefill; so does prefill() in PREFILL_CHUNK pieces, and a prefill continuing from a start."""
+    ours = chat_pair[0]
+    x = _lfm2audio_inputs(ours, 300)
+    bounds = [0, 1, 40, 41, 128, 300]
+    with torch.no_grad():
+        ours.lfm.reset()
+        whole = ours.lfm(x, torch.arange(300))[0]
+        ours.lfm.reset()
+        chunks = torch.cat([ours.lfm(x[:, a:b], torch.arange(a, b))[0] for a, b in zip(bounds, bounds[1:])])
+        _lfm2audio_close(chunks, whole, "chunks vs whole", CHAT_RTOL)
+        monkeypatch.setattr(lfm2audio, "PREFILL_CHUNK", 64)
+        _lfm2audio_close(ours.prefill(x), whole[-1], "prefill in 64-position pieces vs whole", CHAT_RTOL)
+        ours.prefill(x[:, :170])
+        _lfm2audio_close(ours.prefill(x[:, 170:], 170), whole[-1], "prefill from 170 after 0..169 vs whole",
+                         CHAT_RTOL)
+    assert not torch.equal(whole[:-1], whole[1:]), "degenerate inputs"
+
+
+def test_chat_four_turns_reuse_caches(chat_pair, monkeypatch):
+    """A 4-turn chat, spoken and typed turns alternating: every turn after the first prefills only its new
+    positions (the unfed end of the previous answer, <|im_end|>, the user turn, the assistant header) and
+    generates the official multi-turn chat's items exactly."""
+    ours, off, proc = chat_pair
+    calls = _chat_record_prefills(ours, monkeypatch)
+    ochat = official_prompt(proc, "chat")
+    chat = build_prompt(lfm2audio.Chat(ours.tokenizer), "chat", conformer.load_audio)
+    ends = set()
+    ref = got = prompt_len = None  # the previous turn's, read from the second turn on
+    for t in range(len(CHAT_TURNS)):
+        if t:
+            _chat_next_turn(ochat, ref, CHAT_TURNS[t], official=True)
+            _chat_next_turn(chat, got, CHAT_TURNS[t], official=False)
+            # held: the previous prompt and every item fed back (all but the last one generated)
+            fed = len(got) - (len(got) == CHAT_N)  # an interleaved turn ending at <|im_end|> yields all it fed
+            assert ours.cached_prefix(chat.positions()) == prompt_len + fed
+        assert chat.text == ochat.text[0].tolist() and chat.modality == ochat.modality_flag[0].tolist()
+        ref = official_generate(off, ochat, "interleaved", CHAT_N)
+        got = _lfm2audio_items(ours.generate(chat, "interleaved", CHAT_N))
+        assert got == ref, f"turn {t + 1}: items differ from the official chat"
+        start = 0 if t == 0 else prompt_len + fed
+        assert calls[-1] == (start, len(chat) - start), f"turn {t + 1} prefilled {calls[-1]}"
+        assert {k for k, _ in got} == {"text", "audio"}
+        ends.add("limit" if len(got) == CHAT_N else "im_end")
+        prompt_len = len(chat)
+    assert len(calls) == len(CHAT_TURNS)
+    assert ends == {"limit", "im_end"}, f"turn endings covered: {ends}"
+
+
+def test_chat_stale_caches_prefill_whole(chat_pair, tiny_ckpt, monkeypatch):
+    """Anything that makes the cached positions stale is noticed and the whole chat prefilled, with the official
+    items: another model's caches, an edited text id, edited audio, another chat run in between, a direct
+    prefill. The same history rebuilt from scratch is no change: its positions are reused."""
+    ours, off, proc = chat_pair
+    other = lfm2audio.LFM2Audio.from_pretrained(tiny_ckpt, dtype=torch.float32, max_seq_len=2048)
+    calls = {ours: _chat_record_prefills(ours, monkeypatch), other: _chat_record_prefills(other, monkeypatch)}
+    ochat = official_prompt(proc, "chat")
+    chat = build_prompt(lfm2audio.Chat(ours.tokenizer), "chat", conformer.load_audio)
+    text_chat = build_prompt(lfm2audio.Chat(ours.tokenizer), "text_chat", conformer.load_audio)
+    prompt_len = len(chat)
+    first = _lfm2audio_items(ours.generate(chat, "interleaved", 40))
+    assert first[0][0] == "text"
+    _chat_next_turn(ochat, first, CHAT_TURNS[1], official=True)
+    _chat_next_turn(chat, first, CHAT_TURNS[1], official=False)
+
+    def generate(model, what, whole: bool):
+        ref = official_generate(off, ochat, "interleaved", 40)
+        assert _lfm2audio_items(model.generate(chat, "interleaved", 40)) == ref, what
+        start = calls[model][-1][0]
+        assert (start == 0) == whole and calls[model][-1][1] == len(chat) - start, f"{what}: {calls[model][-1]}"
+
+    list(other.generate(text_chat, "interleaved", 10))  # the other model's caches hold another chat
+    generate(other, "another model", whole=True)
+    assert ours.cached_prefix(chat.positions()) > 0  # ours still holds turn 1
+    i = chat.modality[:prompt_len].count(lfm2audio.TEXT)  # turn 1's answer's first text id
+    edited = 777 if chat.text[i] != 777 else 778
+    chat.text[i] = ochat.text[0, i] = edited
+    assert ours.cached_prefix(chat.positions()) == 0
+    generate(ours, "edited text id", whole=True)
+    generate(ours, "the same prompt again", whole=True)  # the caches hold its answer too: the prompt's end differs
+
+    # content, not identity: a history rebuilt from scratch continues the caches of an equal one
+    def turn_two(items):
+        c = build_prompt(lfm2audio.Chat(ours.tokenizer), "chat", conformer.load_audio)
+        return _chat_next_turn(c, items, CHAT_TURNS[1], official=False) or c
+
+    held = build_prompt(lfm2audio.Chat(ours.tokenizer), "chat", conformer.load_audio)
+    items = _lfm2audio_items(ours.generate(held, "interleaved", 5))
+    rebuilt = turn_two(items)
+    assert ours.cached_prefix(rebuilt.positions()) == len(held) + 4
+    rebuilt.mels[0][5, 7] += 1  # edited audio
+    assert ours.cached_prefix(rebuilt.positions()) == 0
+    assert ours.cached_prefix(turn_two(items).positions()) == len(held) + 4
+    list(ours.generate(text_chat, "interleaved", 5))  # another chat in between
+    assert ours.cached_prefix(turn_two(items).positions()) == 0
+    list(ours.generate(held, "interleaved", 5))
+    assert ours.cached_prefix(turn_two(items).positions()) == len(held) + 4
+    ours.prefill(_lfm2audio_inputs(ours, 10))  # caches written outside generate
+    assert ours.cached_prefix(turn_two(items).positions()) == 0
+
+
+def _chat_history(chat, exchanges, turn):
+    """`chat` (ours, or the official ChatState: official=True) filled with the system turn, then whole exchanges
+    (user turn, answer items), then the user `turn` and the assistant header."""
+    official = not isinstance(chat, lfm2audio.Chat)
+    chat.new_turn("system")
+    chat.add_text(PROMPTS["chat"][0])
+    chat.end_turn()
+    for user, items in exchanges:
+        _chat_add_user_turn(chat, user, official)
+        (official_append if official else type(chat).append)(chat, items)
+        chat.end_turn()
+    _chat_add_user_turn(chat, turn, official)
+    return chat
+
+
+def test_chat_drop_oldest_exchange(chat_pair, monkeypatch):
+    """Forgetting the oldest exchange leaves exactly the history that never had it (the system turn kept, audio
+    clips and frames gone with their turns); the next answer prefills it whole and equals the official chat's."""
+    ours, off, proc = chat_pair
+    calls = _chat_record_prefills(ours, monkeypatch)
+    chat = build_prompt(lfm2audio.Chat(ours.tokenizer), "chat", conformer.load_audio)
+    answers = []
+    for t in (1, 2):
+        answers.append(_lfm2audio_items(ours.generate(chat, "interleaved", 40)))
+        _chat_next_turn(chat, answers[-1], CHAT_TURNS[t], official=False)
+    n = len(chat)
+    want = _chat_history(lfm2audio.Chat(ours.tokenizer), [(CHAT_TURNS[1], answers[1])], CHAT_TURNS[2])
+    assert chat.drop_oldest_exchange() == n - len(want) > 0
+    assert (chat.text, chat.modality, chat.turns) == (want.text, want.modality, want.turns)
+    assert [f.tolist() for f in chat.frames] == [f.tolist() for f in want.frames]
+    assert len(chat.mels) == len(want.mels) == 1 and torch.equal(chat.mels[0], want.mels[0])
+    ochat = _chat_history(official().ChatState(proc), [(CHAT_TURNS[1], answers[1])], CHAT_TURNS[2])
+    assert _lfm2audio_items(ours.generate(chat, "interleaved", 40)) == official_generate(off, ochat, "interleaved",
+                                                                                         40)
+    assert calls[-1] == (0, len(chat))
+    assert chat.drop_oldest_exchange() > 0 and chat.drop_oldest_exchange() == 0  # the latest user turn stays
+    assert [role for _, role in chat.turns] == ["system", "user", "assistant"]
+
+
+def _chat_run_py(args: list, stdin_lines: list, monkeypatch) -> tuple[list, object]:
+    """run.py --chat in this process (stdin: the lines); returns the prefill calls and the model."""
+    # float32, as the official reference (--dtype auto is bf16 on CPUs with native bf16)
+    args = run.parse_args(["--chat", "--greedy", "--device", "cpu", "--dtype", "float32", *map(str, args)])
+    model, decoder, load_s = run.load(args)
+    calls = _chat_record_prefills(model, monkeypatch)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("".join(f"{line}\n" for line in stdin_lines)))
+    assert run.run_chat(args, model, decoder, load_s, None) == 0
+    return calls, model
+
+
+def _chat_user_lines(turns) -> list:
+    return [ASSETS / v if k == "audio" else v for k, v in turns]
+
+
+def test_chat_run_py_reuses_caches(tiny_ckpt, official_tiny, tmp_path, monkeypatch, capsys):
+    """run.py --chat, 4 turns spoken and typed: each turn after the first prefills only what is new, and each
+    answer (prompt ids, items) equals the official multi-turn chat's."""
+    calls, _ = _chat_run_py(["--model", tiny_ckpt, "--max-new-tokens", 40, "--codes-out", tmp_path / "codes.json",
+                             "--out", tmp_path / "answer.wav"], _chat_user_lines(CHAT_TURNS), monkeypatch)
+    off, proc = official_tiny
+    ochat = official_prompt(proc, "chat")
+    ref = None  # the previous turn's, read from the second turn on
+    for t in range(len(CHAT_TURNS)):
+        if t:
+            _chat_next_turn(ochat, ref, CHAT_TURNS[t], official=True)
+        got = json.loads((tmp_path / f"codes_{t + 1}.json").read_text())
+        assert got["prompt_ids"] == ochat.text[0].tolist()
+        ref = official_generate(off, ochat, "interleaved", 40)
+        assert [tuple(i) for i in got["items"]] == ref, f"turn {t + 1}"
+        assert calls[t][0] == (0 if t == 0 else len(ochat.modality_flag[0]) - calls[t][1])
+    assert len(calls) == len(CHAT_TURNS) and all(start > 0 for start, _ in calls[1:])
+    assert capsys.readouterr().err.count("[time]") == len(CHAT_TURNS)
+
+
+def test_chat_run_py_drop_old_turns(tiny_ckpt, official_tiny, tmp_path, monkeypatch, capsys):
+    """run.py --chat --drop-old-turns with a small context: instead of ending, the oldest exchanges are forgotten
+    and the chat goes on; every answer equals the official chat's on the history kept (system turn first)."""
+    turns = CHAT_TURNS + [("audio", "question.wav"), ("text", "Thanks!")]
+    context = 300
+    calls, _ = _chat_run_py(["--model", tiny_ckpt, "--max-new-tokens", 40, "--context", context,
+                             "--drop-old-turns", "--codes-out", tmp_path / "codes.json", "--out",
+                             tmp_path / "answer.wav"],
+                            _chat_user_lines(turns), monkeypatch)
+    err = capsys.readouterr().err
+    assert err.count("[time]") == len(turns) and "context full, forgot the oldest" in err, err
+    off, proc = official_tiny
+    answers, kept = [], []  # kept[t]: the first exchange still in turn t's history
+    for t, turn in enumerate(turns):
+        got = json.loads((tmp_path / f"codes_{t + 1}.json").read_text())
+        first = kept[-1] if kept else 0
+        while True:  # the history is the one without exchanges 0 .. first-1 for the smallest such first
+            ochat = _chat_history(official().ChatState(proc), list(zip(turns[first:t], answers[first:])), turn)
+            if got["prompt_ids"] == ochat.text[0].tolist():
+                break
+            first += 1
+            assert first <= t, f"turn {t + 1}: prompt is no official history with whole exchanges dropped"
+        room = context - len(ochat.modality_flag[0])
+        assert room >= 40 or first == t  # else nothing left to forget: the answer is cut short (asr.wav's turn)
+        answers.append([tuple(i) for i in got["items"]])
+        assert answers[-1] == official_generate(off, ochat, "interleaved", min(40, room)), f"turn {t + 1}"
+        kept.append(first)
+    assert kept[-1] > 0, f"exchanges kept from: {kept}"
+    assert [start for start, _ in calls].count(0) == 1 + len(set(kept) - {0}), calls
+
+
+# ====================================================================================================
+# Batched decoding and long recordings
+#
+# Splitting recordings at pauses, batched generation (each sequence equals its generation alone and the official
+# generation of its prompt, item for item), and run.py's chunked ASR of recordings of any length.
+#
+# Each chunk's transcript must equal the official ASR of that chunk alone: the official ChatState with the ASR
+# system prompt and the chunk's 16 kHz wave, generate_sequential, greedy, tiny checkpoint, float32 CPU. The tiny
+# model's "transcripts" are noise; equality item for item is what counts (tolerance: none).
+# ====================================================================================================
+
+ASR_MAX_NEW = 40  # per chunk: some tiny-model chunks end on <|im_end|> before it, some reach it
+ASR_SPAN = re.compile(r"^\[(\d\d:\d\d:\d\d\.\d{3}) --> (\d\d:\d\d:\d\d\.\d{3})\] ?(.*)$")
+
+
+def _asr_official_wave16k(path: Path) -> torch.Tensor:
+    """The recording at 16 kHz [T] as the official processor resamples it (torchaudio)."""
+    official()
+    import torchaudio
+
+    wave, rate = load_wav(path)
+    return torchaudio.functional.resample(wave.mean(0, keepdim=True), rate, 16000)[0]
+
+
+def _asr_official(model, processor, wave16k: torch.Tensor, max_new: int):
+    """The official ASR of one chunk alone: (prompt ids, items without the final <|im_end|>)."""
+    from liquid_audio import ChatState
+
+    chat = ChatState(processor)
+    chat.new_turn("system")
+    chat.add_text(PROMPTS["asr"][0])
+    chat.end_turn()
+    chat.new_turn("user")
+    chat.add_audio(wave16k[None], 16000)  # the official processor takes a wave tensor and its rate
+    chat.end_turn()
+    chat.new_turn("assistant")
+    return chat.text[0].tolist(), official_generate(model, chat, "sequential", max_new, drop_im_end=True)
+
+
+def _asr_official_text(processor, items) -> str:
+    return processor.text.decode([v for k, v in items if k == "text"], skip_special_tokens=True).strip()
+
+
+def _asr_spans(stdout: str) -> list[tuple[str, str, str]]:
+    """(start, end, text) of each chunk line of run.py's stdout; file headers skipped."""
+    lines = [line for line in stdout.splitlines() if not line.startswith("==> ")]
+    matches = [ASR_SPAN.match(line) for line in lines]
+    assert all(matches), f"not a chunk line: {lines[[m is None for m in matches].index(True)]!r}"
+    return [m.groups() for m in matches]
+
+
+# ---- splitting ----
+
+def test_asr_split_at_pauses_cuts_in_pauses():
+    """Spans tile the recording, none longer than the limit nor (but the last) shorter than half of it, and
+    every cut falls in one of the pauses placed in loud noise."""
+    rate, rng = 16000, np.random.default_rng(0)
+    wave = rng.uniform(-0.5, 0.5, 95 * rate).astype(np.float32)
+    pauses = [(t, t + 0.3 + 0.1 * (t % 3)) for t in range(4, 95, 4)]  # one in every 5 s window
+    for a, b in pauses:
+        wave[int(a * rate):int(b * rate)] *= 1e-3
+    spans = conformer.split_at_pauses(torch.from_numpy(wave), rate, 10.0)
+    assert spans[0][0] == 0 and spans[-1][1] == wave.size
+    assert all(e == s2 for (_, e), (s2, _) in zip(spans, spans[1:])), "spans must tile the recording"
+    lengths = [(e - s) / rate for s, e in spans]
+    assert max(lengths) <= 10.0 and min(lengths[:-1]) >= 5.0, lengths
+    for _, cut in spans[:-1]:
+        assert any(a * rate <= cut <= b * rate for a, b in pauses), f"cut at {cut / rate:.2f} s is not in a pause"
+
+
+def test_asr_split_at_pauses_edges():
+    """Short audio is one span; without pauses the cuts still respect the bounds; a limit below 10 ms cuts every
+    10 ms."""
+    assert conformer.split_at_pauses(torch.ones(16000 * 30), 16000, 30.0) == [(0, 16000 * 30)]
+    assert conformer.split_at_pauses(torch.ones(1), 16000, 30.0) == [(0, 1)]
+    tone = torch.sin(torch.arange(16000 * 65) * 0.05)
+    spans = conformer.split_at_pauses(tone, 16000, 30.0)
+    assert spans[-1][1] == tone.numel() and all(15 * 16000 <= e - s <= 30 * 16000 for s, e in spans[:-1])
+    assert conformer.split_at_pauses(torch.ones(1000), 16000, 0.005) == [(i, min(i + 160, 1000))
+                                                                        for i in range(0, 1000, 160)]
+
+
+# ---- batched generation: each sequence equals its generation alone ----
+
+ASR_BATCH_N = 100  # backbone steps per answer: every task switches modality within it, some end before it
+
+
+@pytest.fixture(scope="module")
+def asr_batch_pair(tiny_ckpt, official_tiny):
+    """(ours, official model, official processor) on the tiny checkpoint, float32."""
+    ours = lfm2audio.LFM2Audio.from_pretrained(tiny_ckpt, dtype=torch.float32, max_seq_len=1024)
+    return (ours, *official_tiny)
+
+
+@pytest.mark.parametrize("mode", ["interleaved", "sequential"])
+def test_asr_batched_generation_equals_one_by_one(asr_batch_pair, mode):
+    """Prompts of different lengths (the four tasks, 45 to 254 positions; twice, so 8 chats) decoded 3 at a time
+    (rows refilled as answers end) and 8 at once: every answer equals the official generation of its prompt
+    alone and ours one by one, item for item; answers end at different steps, each on its own."""
+    ours, off, proc = asr_batch_pair
+    tasks = sorted(PROMPTS) * 2
+    chats = [build_prompt(lfm2audio.Chat(ours.tokenizer), t, conformer.load_audio) for t in tasks]
+    refs = {t: official_generate(off, official_prompt(proc, t), mode, ASR_BATCH_N) for t in PROMPTS}
+    for batch_size in (3, 8):
+        got = dict(ours.generate_batch(chats, mode, ASR_BATCH_N, batch_size))
+        assert sorted(got) == list(range(len(chats)))
+        for i, task in enumerate(tasks):
+            assert _lfm2audio_items(got[i]) == refs[task], \
+                f"batch of {batch_size}: chat {i} ({task}) differs from official"
+    assert ours.lfm.batch == 8  # the caches grew to the batch; one by one uses row 0
+    for task in PROMPTS:
+        chat = build_prompt(lfm2audio.Chat(ours.tokenizer), task, conformer.load_audio)
+        assert _lfm2audio_items(ours.generate(chat, mode, ASR_BATCH_N)) == refs[task], f"{task} alone"
+    lengths = {len(r) for r in refs.values()}
+    assert len(lengths) > 1 and min(lengths) < ASR_BATCH_N, f"answers should end at different steps: {lengths}"
+    assert {k for r in refs.values() for k, _ in r} == {"text", "audio"}
+
+
+# ---- run.py: every chunk equals the official ASR of that chunk alone ----
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_asr_chunks_match_official(batch, tiny_ckpt, official_tiny, tmp_path):
+    """Two files (44.1 kHz and 16 kHz) cut into chunks of at most 6 s, decoded one at a time and 4 at once (5
+    chunks: a row is refilled): stdout has a line per chunk with its span under a header per file, each chunk's
+    prompt and items (--codes-out) equal the official ASR of the chunk alone, and the .srt files hold the same
+    spans and text."""
+    r = _run_ok(["--model", tiny_ckpt, "--mode", "asr", "--wav", ASSETS / "asr.wav", "--wav", ASSETS / "question.wav",
+                 "--chunk-seconds", 6, "--greedy", "--max-new-tokens", ASR_MAX_NEW, "--device", "cpu",
+                 "--batch", batch, "--codes-out", "codes.json", "--text-out", "out.srt"], tmp_path)
+    model, processor = official_tiny
+    got, k, ended, cut = _asr_spans(r.stdout), 0, 0, 0
+    assert r.stdout.count("==> ") == 2
+    for f, name in enumerate(["asr.wav", "question.wav"]):
+        wave = _asr_official_wave16k(ASSETS / name)
+        spans = conformer.split_at_pauses(wave, 16000, 6.0)
+        cues = []
+        for a, b in spans:
+            k += 1
+            prompt_ids, items = _asr_official(model, processor, wave[a:b], ASR_MAX_NEW)
+            codes = json.loads((tmp_path / f"codes_{k}.json").read_text())
+            assert codes["prompt_ids"] == prompt_ids, f"chunk {k}: prompt differs from the official ChatState's"
+            assert [tuple(i) for i in codes["items"]] == items, f"chunk {k}: items differ from the official ASR"
+            if len(items) == ASR_MAX_NEW:  # no <|im_end|>: cut by the bound, and said so
+                assert f"{name} [{run.timestamp(a / 16000)} --> {run.timestamp(b / 16000)}]: the transcript " \
+                       f"reached --max-new-tokens {ASR_MAX_NEW}" in r.stderr, r.stderr
+                cut += 1
+            else:
+                ended += 1
+            span = (run.timestamp(a / 16000), run.timestamp(b / 16000), _asr_official_text(processor, items))
+            assert got[k - 1] == span, f"chunk {k}: stdout line {got[k - 1]} != {span}"
+            if span[2]:
+                cues.append(f"{len(cues) + 1}\n{span[0].replace('.', ',')} --> {span[1].replace('.', ',')}\n"
+                            f"{span[2]}\n\n")
+        assert (tmp_path / f"out_{f + 1}.srt").read_text() == "".join(cues)
+    assert k == len(got) >= 5 and ended and cut, "every chunk compared; some end on <|im_end|>, some are cut"
+    assert r.stderr.count("[asr] ") == k and f"{k} chunks" in r.stderr
+
+
+def test_asr_transcript_formats(tmp_path):
+    """txt: a line per chunk; srt and vtt: a cue per chunk with its span; chunks without text left out."""
+    cues = [(0.0, 29.5, "Hello there."), (29.5, 45.0, ""), (45.0, 3725.25, "Bye.")]
+    want = {
+        ".txt": "Hello there.\nBye.\n",
+        ".srt": "1\n00:00:00,000 --> 00:00:29,500\nHello there.\n\n2\n00:00:45,000 --> 01:02:05,250\nBye.\n\n",
+        ".vtt": "WEBVTT\n\n00:00:00.000 --> 00:00:29.500\nHello there.\n\n00:00:45.000 --> 01:02:05.250\nBye.\n\n",
+    }
+    for suffix, text in want.items():
+        writer = run.TranscriptWriter(tmp_path / f"t{suffix}")
+        for cue in cues:
+            writer.write(*cue)
+        writer.close()
+        assert (tmp_path / f"t{suffix}").read_text() == text
+
+
+def test_asr_errors(tmp_path):
+    """Bad ASR options and outputs are one error line, before the model loads; nothing is overwritten."""
+    wav, nowhere = ASSETS / "asr.wav", tmp_path / "no_such_folder"
+    _run_error(["--model", nowhere, "--mode", "asr", "--wav", wav, "--text-out", "t.doc"], tmp_path,
+               "give a name ending in .txt, .srt, .vtt")
+    (tmp_path / "t.srt").write_text("keep me")
+    _run_error(["--model", nowhere, "--mode", "asr", "--wav", wav, "--text-out", "t.srt"], tmp_path,
+               "t.srt: already exists, not overwritten")
+    assert (tmp_path / "t.srt").read_text() == "keep me"
+    (tmp_path / "t_2.txt").write_text("keep me")
+    _run_error(["--model", nowhere, "--mode", "asr", "--wav", wav, "--wav", wav, "--text-out", "t.txt"], tmp_path,
+               "t_2.txt: already exists")
+    _run_error(["--model", nowhere, "--mode", "asr", "--wav", wav, "--wav", "nope.wav"], tmp_path,
+               "nope.wav: no such audio file")
+    _run_error(["--model", nowhere, "--wav", wav, "--wav", wav], tmp_path, "several --wav are for --mode asr")
+    _run_error(["--model", nowhere, "--wav", wav, "--text-out", "t.txt"], tmp_path, "--text-out")
+    for bad in (0, 31):
+        _run_error(["--model", nowhere, "--mode", "asr", "--wav", wav, "--chunk-seconds", bad], tmp_path,
+                   "--chunk-seconds must be between")
+
+
+def test_asr_ten_minute_recording(tiny_ckpt, official_tiny, tmp_path):
+    """A 10-minute recording built from the repository's recordings (both, alternating, with pauses of 0.3-1.5 s
+    and one silence of 50 s), far past the context as one prompt: transcribed end to end in 8-chunk batches
+    without a context error, every chunk accounted for (a line per chunk, the spans tiling the recording, none
+    over 30 s; the silent one printed empty and not decoded), and two chunks spot-checked against the official
+    ASR of the chunk alone."""
+    rng = np.random.default_rng(0)
+    pieces, n = [], 0
+    for k in range(100):
+        if n >= 600 * 16000:
+            break
+        wave = _asr_official_wave16k(ASSETS / ("asr.wav" if k % 2 == 0 else "question.wav"))
+        gap = torch.zeros(50 * 16000 if k == 12 else int(rng.uniform(0.3, 1.5) * 16000))
+        pieces += [wave, gap]
+        n += wave.numel() + gap.numel()
+    wave = torch.cat(pieces)
+    sf.write(str(tmp_path / "long.wav"), wave.numpy(), 16000, subtype="FLOAT")
+    positions = 1 + wave.numel() // 160 // 8  # as one prompt: its audio positions alone
+    assert wave.numel() >= 600 * 16000 and positions > run.CONTEXT
+    r = _run_ok(["--model", tiny_ckpt, "--mode", "asr", "--wav", "long.wav", "--greedy", "--max-new-tokens", 12,
+                 "--device", "cpu", "--batch", 8, "--codes-out", "codes.json", "--text-out", "long.vtt"], tmp_path)
+    spans = conformer.split_at_pauses(wave, 16000, 30.0)
+    got = _asr_spans(r.stdout)
+    assert [(a, b) for a, b, _ in got] == [(run.timestamp(a / 16000), run.timestamp(b / 16000)) for a, b in spans]
+    assert spans[-1][1] == wave.numel() and all(b - a <= 30 * 16000 for a, b in spans)
+    silent = [k for k, (a, b) in enumerate(spans) if not wave[a:b].any()]
+    assert silent and all(got[k][2] == "" for k in silent)
+    decoded = sorted(int(p.stem.split("_")[1]) for p in tmp_path.glob("codes_*.json"))
+    assert decoded == [k + 1 for k in range(len(spans)) if k not in silent]
+    n = len(spans) - len(silent)
+    assert "context" not in r.stderr and r.stderr.count("[asr] ") == n and f"{n}/{n} chunks" in r.stderr
+    assert f"{len(spans)} chunks, {wave.numel() / 16000:.1f} s of audio" in r.stderr
+    vtt = (tmp_path / "long.vtt").read_text()
+    assert vtt.startswith("WEBVTT\n\n") and vtt.count(" --> ") == sum(1 for *_, text in got if text)
+    model, processor = official_tiny
+    for k in (0, len(spans) - 1):
+        a, b = spans[k]
+        codes = json.loads((tmp_path / f"codes_{k + 1}.json").read_text())
+        assert [tuple(i) for i in codes["items"]] == _asr_official(model, processor, wave[a:b], 12)[1], f"chunk {k}"
+
+
+# ====================================================================================================
 # Compiled decode path
 #
 # The compiled decode path (torch.compile of the backbone step and of the text / audio heads) on the tiny
@@ -1220,6 +1727,171 @@ def test_perf_compiled_seeded_sampling_equals_official(perf_models):
     assert _lfm2audio_items(compiled.generate(chat, "interleaved", 60, **PERF_SAMPLING)) == ref
     torch.manual_seed(4322)
     assert _lfm2audio_items(compiled.generate(chat, "interleaved", 60, **PERF_SAMPLING)) != ref, "seed had no effect"
+
+
+# ====================================================================================================
+# int8 weights and bf16
+#
+# int8 weight-only quantization and bf16: the int8 layer against its dequantized weights (within bf16 rounding, 1e-2
+# relative), the streaming load against quantizing a loaded model (exactly), the command line, and (full size) the
+# agreement of bf16 and int8 with float32, teacher-forced over the same greedy decisions (bench.py accuracy prints
+# the same figures; floors in AGREEMENT_FLOOR).
+#
+# The full-size tests load the model in float32, bf16 and int8 one after the other (peak about 6 GB): run them
+# under `flock /tmp/lfm2audio-bigmem.lock`.
+# ====================================================================================================
+
+def test_int8_per_channel_round_trip():
+    """Each weight within half a step of its row's scale; the largest magnitude of a row maps to +-127; a
+    zero row quantizes to zeros (no NaN scale)."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(300, 96, generator=g) * torch.logspace(-3, 1, 300)[:, None]  # rows of very different scale
+    w[7] = 0
+    q, scales = lfm2audio.int8_per_channel(w)
+    assert q.dtype == torch.int8 and scales.shape == (300,) and torch.isfinite(scales).all()
+    assert (q[7] == 0).all()
+    err = (q.float() * scales[:, None] - w).abs()
+    assert (err <= scales[:, None] / 2 * (1 + 1e-5)).all()
+    rows = torch.arange(300) != 7
+    assert (q[rows].abs().amax(1) == 127).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int8_linear_matches_dequantized(dtype):
+    """Int8Linear (the CPU int8 kernel, bf16 inside) equals x @ dequantized(W).T + b within bf16 rounding, for
+    3-D input and bias, and returns the input's dtype."""
+    g = torch.Generator().manual_seed(1)
+    dense = nn.Linear(256, 384, dtype=dtype)
+    with torch.no_grad():
+        dense.weight.copy_(torch.randn(384, 256, generator=g) / 16)
+    layer = lfm2audio._int8_from(dense.weight, dense.bias, torch.bfloat16)
+    x = torch.randn(2, 3, 256, generator=g, dtype=dtype)
+    with torch.no_grad():
+        y = layer(x)
+    expected = x.float() @ (layer.weight.float() * layer.scales.float()[:, None]).T + dense.bias.float()
+    assert y.dtype == dtype and y.shape == (2, 3, 384)
+    assert ((y.float() - expected).norm() / expected.norm()) < 1e-2
+    # and the quantization itself is close to the float layer (per-channel int8: well under 1%)
+    with torch.no_grad():
+        assert ((expected - dense(x).float()).norm() / dense(x).float().norm()) < 1e-2
+
+
+def test_quantize_rejects_unknown_scheme(tiny_ckpt):
+    with pytest.raises(ValueError, match="quantize must be None or 'int8'"):
+        LFM2Audio.from_pretrained(tiny_ckpt, quantize="int4")
+
+
+def test_int8_load_equals_quantizing_loaded_model(tiny_ckpt):
+    """from_pretrained(quantize="int8") reads and quantizes the file tensor by tensor; it must give exactly
+    the state of quantize() applied to the bf16 model loaded whole. Every linear of the backbone blocks, the
+    depthformer and the heads is int8 (the text head an int8 copy of the tied embedding, the codebook heads
+    int8 copies of theirs); embeddings, norms, the encoder and the adapter keep the model dtype."""
+    streamed = LFM2Audio.from_pretrained(tiny_ckpt, dtype=torch.bfloat16, max_seq_len=64, quantize="int8")
+    whole = lfm2audio.quantize(LFM2Audio.from_pretrained(tiny_ckpt, dtype=torch.bfloat16, max_seq_len=64),
+                               torch.bfloat16)
+    a, b = streamed.state_dict(), whole.state_dict()
+    assert a.keys() == b.keys()
+    assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a), \
+        [k for k in a if not torch.equal(a[k], b[k])]
+    int8 = {n for n, m in streamed.named_modules() if isinstance(m, Int8Linear)}
+    dense = {n for n, m in streamed.named_modules() if isinstance(m, nn.Linear)}
+    assert all(n.startswith(("conformer.", "audio_adapter.", "audio_embedding.")) for n in dense), dense
+    assert {"text_head", "depth_linear", "depth_embeddings.0.to_logits", "lfm.layers.0.feed_forward.w1",
+            "depthformer.layers.0.operator.qkv_proj"} <= int8
+    per_block = sum(5 if hasattr(layer, "conv") else 7 for layer in streamed.lfm.layers)  # in/out or q/k/v/o, SwiGLU
+    assert len(int8) == per_block + 5 * len(streamed.depthformer.layers) + streamed.cfg.codebooks + 2
+    assert streamed.embed_tokens_weight.dtype == torch.bfloat16
+    assert streamed.depth_embeddings[0].embedding.weight.dtype == torch.bfloat16
+    # the tied tables are still read by the lookups, unquantized and equal to the file's
+    plain = LFM2Audio.from_pretrained(tiny_ckpt, dtype=torch.bfloat16, max_seq_len=64)
+    assert torch.equal(streamed.depth_embeddings[3].embedding.weight, plain.depth_embeddings[3].embedding.weight)
+    assert torch.equal(streamed.embed_tokens_weight, plain.embed_tokens_weight)
+
+
+def test_int8_teacher_forced_tiny(tiny_ckpt):
+    """The accuracy machinery on the tiny model: float32 replayed on its own greedy items makes the same
+    choices; bf16 and int8 agree with it on most decisions (the tiny model's margins are small, so this bound
+    is loose; the full-size test holds the real ones)."""
+    res = bench.measure_accuracy(tiny_ckpt, 24, {"bfloat16": {"dtype": torch.bfloat16},
+                                                 "int8": {"dtype": torch.bfloat16, "quantize": "int8"}})
+    assert res["float32"]["own_choices"] and res["float32"]["agreement"] == 1.0
+    assert res["float32"]["decisions"] >= 100
+    assert res["bfloat16"]["agreement"] >= 0.95 and res["int8"]["agreement"] >= 0.95, res
+
+
+def test_dtype_auto_follows_native_bf16(monkeypatch):
+    cpu = torch.device("cpu")
+    for avx512_bf16, amx, expected in [(True, False, torch.bfloat16), (False, True, torch.bfloat16),
+                                       (False, False, torch.float32)]:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert run.pick_dtype("auto", cpu) == expected
+    assert run.pick_dtype("float32", cpu) == torch.float32
+
+
+def test_run_tts_int8(tiny_ckpt, tmp_path):
+    """run.py --quantize int8 writes the answer; the timing line names the dtype auto picked and int8."""
+    r = _run_cli(["--model", tiny_ckpt, "--mode", "tts", "--text", "Hello there", "--quantize", "int8", "--greedy",
+                  "--max-new-tokens", "40", "--out", tmp_path / "a.wav", "--codes-out", tmp_path / "a.json"],
+                 tmp_path, dtype=None)  # no --dtype: the timing line names the dtype auto picked
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    dtype = "bfloat16" if run.cpu_has_bf16() else "float32"
+    assert f"(cpu {dtype} int8)" in r.stderr, r.stderr
+    assert (tmp_path / "a.json").is_file() and (tmp_path / "a.wav").is_file()
+
+
+def test_run_int8_bad_input(tiny_ckpt, tmp_path):
+    """A truncated weights file, and an unknown scheme: one error line, non-zero exit."""
+    broken = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpt, broken)
+    data = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[:len(data) - 1000])
+    for args, expect in [(["--model", broken, "--quantize", "int8"], "unreadable safetensors file"),
+                         (["--model", tiny_ckpt, "--quantize", "int4"], "invalid choice: 'int4'")]:
+        r = _run_cli([*args, "--text", "hi"], tmp_path, dtype=None)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], \
+            r.stderr
+
+
+# ---- full size ----
+
+# measured on the full-size checkpoint: bf16 0.977, int8 0.956 here (32 steps per task); 0.983 and 0.964 with
+# bench.py accuracy (48 steps). The floors guard against regressions; the targets (bf16 0.995, int8 0.99)
+# are not reached: bf16's flips come from its bf16 activations, int8's from the int8 weights themselves
+# (int8 in a float32 model agrees no better)
+AGREEMENT_FLOOR = {"bfloat16": 0.96, "int8": 0.94}
+AGREEMENT_TARGET = {"bfloat16": 0.995, "int8": 0.99}  # not reached (README); not asserted
+
+
+@pytest.mark.full_size
+def test_accuracy_full_size(full_ckpt):
+    """bf16 and int8 against float32 on the full-size checkpoint, teacher-forced over the greedy float32
+    decisions of a spoken chat and a TTS prompt (float32 itself is token-exact with the official package: the
+    sections above), counted where float32's top-2 margin is clear. Fails below the floors (AGREEMENT_FLOOR)."""
+    official()
+    res = bench.measure_accuracy(full_ckpt, 32, {"bfloat16": {"dtype": torch.bfloat16},
+                                                 "int8": {"dtype": torch.bfloat16, "quantize": "int8"}})
+    assert res["float32"]["own_choices"], res
+    assert res["float32"]["counted"] >= 200, res
+    for name, floor in AGREEMENT_FLOOR.items():
+        assert res[name]["agreement"] >= floor, res
+
+
+@pytest.mark.full_size
+def test_run_int8_peak_rss_full_size(full_ckpt, tmp_path):
+    """The whole run.py process (int8 model, Mimi, a short TTS answer) stays under 3 GB of RSS: the bf16 file
+    is quantized tensor by tensor, never held whole."""
+    probe = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); "
+             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    r = subprocess.run([sys.executable, "-c", probe, sys.executable, str(RUN_PY), "--model", str(full_ckpt),
+                        "--mode", "tts", "--text", "Hello there", "--quantize", "int8", "--max-new-tokens", "12",
+                        "--out", str(tmp_path / "a.wav")], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stderr
+    peak_gb = int(r.stdout.split()[-1]) / 2**20
+    assert peak_gb < 3.0, peak_gb
+
 
 # ====================================================================================================
 # Mimi decoder
@@ -1364,6 +2036,196 @@ def test_mimi_bad_input(_mimi_setup):
 
 
 # ====================================================================================================
+# LFM2.5 audio detokenizer
+#
+# LFM2.5-Audio's LFM2 audio detokenizer (detokenizer.py) against the official `liquid_audio` one, on the random
+# LFM2.5-shaped fixture (`lfm25_ckpt`: the tiny checkpoint plus a real-size `audio_detokenizer/`), float32 on CPU:
+# within DETOK_PARITY_TOL (1e-4) of the official output's peak; streaming vs whole-sequence within DETOK_STREAM_TOL
+# (1e-5). Then run.py on that folder: the official generation item for item, the wav equal to the official decode.
+#
+# The official module is built exactly as `LFM2AudioProcessor.audio_detokenizer` builds it, minus its `.cuda()`
+# (`fixtures.official_detokenizer`), and called through `LFM2AudioProcessor.decode`.
+# ====================================================================================================
+
+DETOK_PARITY_TOL = 1e-4  # ours vs official: max abs diff, relative to the official output's peak
+DETOK_STREAM_TOL = 1e-5  # streaming vs whole-sequence: max abs diff, relative to the peak (float32 matmuls
+#                          of other shapes round differently; measured 5e-6 over 300 frames)
+
+
+@pytest.fixture(scope="module")
+def detok_ours(lfm25_ckpt) -> Detokenizer:
+    return Detokenizer.from_folder(lfm25_ckpt / DETOKENIZER_DIR)
+
+
+@pytest.fixture(scope="module")
+def detok_processor(lfm25_ckpt):
+    return official_processor_cpu(lfm25_ckpt)
+
+
+def _detok_codes(batch: int, frames: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 2048, (batch, 8, frames), generator=torch.Generator().manual_seed(seed))
+
+
+def _detok_rel_diff(got: torch.Tensor, ref: torch.Tensor) -> float:
+    assert got.shape == ref.shape, f"shape {tuple(got.shape)} != {tuple(ref.shape)}"
+    return float((got - ref).abs().max() / ref.abs().max())
+
+
+@pytest.mark.parametrize("frames", [1, 7, 300])
+def test_matches_official_decode(detok_ours, detok_processor, frames):
+    codes = _detok_codes(1, frames, frames)
+    ref = detok_processor.decode(codes)  # [1, 1920 T]
+    assert float(ref.abs().max()) > 0.1, "the fixture should decode to audible noise"
+    got = detok_ours.decode(codes)
+    assert got.shape == (1, 1, DETOK_FRAME_SIZE * frames)
+    assert _detok_rel_diff(got[:, 0], ref) <= DETOK_PARITY_TOL
+
+
+def test_batch_matches_official(detok_ours, detok_processor):
+    codes = _detok_codes(2, 20, 1)
+    with torch.no_grad():
+        ref = detok_processor.audio_detokenizer(codes)  # [2, 1920 T]; the processor's decode takes one sequence
+    assert _detok_rel_diff(detok_ours.decode(codes)[:, 0], ref) <= DETOK_PARITY_TOL
+
+
+def test_sliding_window_matters(lfm25_ckpt, detok_processor):
+    """The parity above would catch a wrong window: with attention over all past steps the output is far off."""
+    wide = Detokenizer.from_folder(lfm25_ckpt / DETOKENIZER_DIR)
+    wide.window = 10_000
+    codes = _detok_codes(1, 100, 2)
+    assert _detok_rel_diff(wide.decode(codes)[:, 0], detok_processor.decode(codes)) > 100 * DETOK_PARITY_TOL
+
+
+@pytest.mark.parametrize("chunks", [[1] * 300, [3, 1, 7, 2, 125, 126, 36]], ids=["frame_by_frame", "chunks"])
+def test_streaming_equals_whole(detok_ours, chunks):
+    codes = _detok_codes(1, sum(chunks), 3)
+    whole = detok_ours.decode(codes)
+    stream = detok_ours.new_stream(1)
+    parts, start = [], 0
+    for n in chunks:
+        parts.append(detok_ours.decode_step(codes[..., start:start + n], stream))
+        start += n
+    parts.append(detok_ours.flush(stream))
+    lengths = [p.shape[-1] for p in parts]
+    # the first call lacks the DELAY samples that need the next frame's spectrum; flush gives the last DELAY
+    assert lengths == [DETOK_FRAME_SIZE * chunks[0] - DELAY] + [DETOK_FRAME_SIZE * n for n in chunks[1:]] + [DELAY]
+    assert DELAY == 480 and DELAY < DETOK_FRAME_SIZE
+    assert _detok_rel_diff(torch.cat(parts, -1), whole) <= DETOK_STREAM_TOL
+
+
+def test_stream_batch_and_empty(detok_ours):
+    codes = _detok_codes(3, 5, 4)
+    stream = detok_ours.new_stream(3)
+    assert detok_ours.decode_step(codes[..., :0], stream).shape == (3, 1, 0)
+    got = torch.cat([detok_ours.decode_step(codes, stream), detok_ours.flush(stream)], -1)
+    assert _detok_rel_diff(got, detok_ours.decode(codes)) <= DETOK_STREAM_TOL
+    assert detok_ours.flush(detok_ours.new_stream(1)).shape == (1, 1, 0)  # nothing decoded, nothing held back
+    with pytest.raises(ValueError, match="batch size 1 does not match the stream's 3"):
+        detok_ours.decode_step(codes[:1], detok_ours.new_stream(3))
+
+
+def test_bfloat16_close(lfm25_ckpt, detok_ours):
+    """bf16 weights (the spectrum and inverse STFT stay float32): close to float32, not equal."""
+    codes = _detok_codes(1, 20, 5)
+    half = Detokenizer.from_folder(lfm25_ckpt / DETOKENIZER_DIR, dtype=torch.bfloat16)
+    assert half.lfm.layers[0].feed_forward.w1.weight.dtype == torch.bfloat16
+    assert half.istft.window.dtype == torch.float32
+    ref = detok_ours.decode(codes)
+    got = half.decode(codes)
+    assert got.dtype == torch.float32 and 0 < _detok_rel_diff(got, ref) < 0.2
+
+
+@pytest.mark.parametrize("codes, message", [
+    (torch.full((1, 8, 3), 2048), "must be in 0..2047"),
+    (torch.zeros(1, 7, 3, dtype=torch.long), "shape [batch, 8, frames]"),
+    (torch.zeros(1, 8, 3), "integer"),
+])
+def test_bad_codes(detok_ours, codes, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        detok_ours.decode(codes)
+
+
+def test_bad_folders(lfm25_ckpt, tmp_path):
+    with pytest.raises(FileNotFoundError, match="detokenizer config not found"):
+        Detokenizer.from_folder(tmp_path)
+    folder = tmp_path / "detok"
+    shutil.copytree(lfm25_ckpt / DETOKENIZER_DIR, folder)
+    state = load_file(folder / "model.safetensors")
+    del state["lfm.layers.2.self_attn.q_proj.weight"]
+    state["lin.weight"] = state["lin.weight"][:-1]
+    save_file(state, str(folder / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"missing tensors: lfm.layers.2.self_attn.q_proj.weight; "
+                                         r"wrong shapes: lin.weight \(1281, 512\) \(expected \(1282, 512\)\)"):
+        Detokenizer.from_folder(folder)
+    (folder / "config.json").write_text(json.dumps({"hidden_size": 512}))
+    with pytest.raises(ValueError, match="not an LFM2 detokenizer config"):
+        Detokenizer.from_folder(folder)
+
+
+# ---- run.py on the LFM2.5 fixture ----
+
+@pytest.fixture(scope="module")
+def lfm25_official(lfm25_ckpt):
+    """(official model, official processor with its detokenizer on the CPU), float32."""
+    model, _ = load_official(lfm25_ckpt)
+    return model, official_processor_cpu(lfm25_ckpt)
+
+
+@pytest.mark.parametrize("task, cli, vocoder", [
+    ("chat", ["--wav", str(ASSETS / "question.wav")], None),
+    ("tts", ["--mode", "tts", "--text", PROMPTS["tts"][2]], None),
+    ("tts", ["--mode", "tts", "--text", PROMPTS["tts"][2]], "mimi"),
+])
+def test_run_lfm25(task, cli, vocoder, lfm25_ckpt, lfm25_official, tmp_path):
+    """run.py on an LFM2.5 folder: the official generation item for item; the wav equals the official decode of
+    the generated frames: the LFM2 detokenizer by default (as the official processor's decode), or Mimi."""
+    extra = ["--vocoder", vocoder] if vocoder else []
+    _run_ok(["--model", lfm25_ckpt, *cli, *extra, "--greedy", "--max-new-tokens", RUN_MAX_NEW, "--device", "cpu",
+             "--codes-out", "codes.json", "--out", "answer.wav"], tmp_path)
+    model, processor = lfm25_official
+    ochat = official_prompt(processor, task)
+    got = json.loads((tmp_path / "codes.json").read_text())
+    assert got["prompt_ids"] == ochat.text[0].tolist()
+    want = official_generate(model, ochat, PROMPTS[task][3], RUN_MAX_NEW, drop_im_end=True)
+    assert [tuple(item) for item in got["items"]] == want, "generated items differ from the official generation"
+    frames = [v for k, v in want if k == "audio" and END_OF_AUDIO not in v]
+    assert frames, "the answer should have audio to compare"
+    codes = torch.tensor(frames).T[None]  # [1, 8, T]
+    with torch.no_grad():
+        ref = (processor.mimi.decode(codes)[0] if vocoder == "mimi" else processor.decode(codes))[0].numpy()
+    data, rate = sf.read(str(tmp_path / "answer.wav"), dtype="float32")
+    assert rate == 24000 and data.shape == ref.shape == (DETOK_FRAME_SIZE * len(frames),)
+    assert float(np.abs(data - ref).max()) <= DETOK_PARITY_TOL * float(np.abs(ref).max())
+
+
+def test_run_vocoder_lfm2_needs_the_folder(tiny_ckpt, tmp_path):
+    _run_error(["--model", tiny_ckpt, "--text", "Hi", "--vocoder", "lfm2", "--device", "cpu"], tmp_path,
+               "no LFM2 detokenizer in this checkpoint")
+    _run_error(["--model", tiny_ckpt, "--text", "Hi", "--vocoder", "wavenet"], tmp_path, "--vocoder")
+
+
+def test_run_lfm25_missing_detokenizer_weights(lfm25_ckpt, tmp_path):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(lfm25_ckpt, folder, copy_function=os.link)  # links: no 400 MB copy
+    (folder / DETOKENIZER_DIR / "model.safetensors").unlink()
+    _run_error(["--model", folder, "--text", "Hi", "--device", "cpu"], tmp_path, "detokenizer weights not found")
+
+
+def test_download_includes_the_detokenizer(monkeypatch, lfm25_ckpt):
+    """A repo id downloads `audio_detokenizer/` with the other files (LFM2.5-Audio; LFM2-Audio has none)."""
+    asked = {}
+
+    def fake_download(repo_id, allow_patterns):
+        asked.update(repo_id=repo_id, patterns=allow_patterns)
+        return str(lfm25_ckpt)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    assert lfm2audio.checkpoint_folder("LiquidAI/LFM2.5-Audio-1.5B") == lfm25_ckpt
+    assert asked["repo_id"] == "LiquidAI/LFM2.5-Audio-1.5B"
+    assert f"{DETOKENIZER_DIR}/*" in asked["patterns"] and "model.safetensors" in asked["patterns"]
+
+
+# ====================================================================================================
 # The command line: run.py
 #
 # run.py, the command line: greedy answers of every mode equal the official pipeline item for item (the same
@@ -1384,10 +2246,13 @@ RUN_MAX_NEW = 40  # backbone steps per answer: enough for text, audio, end of au
 RUN_WAV_ATOL = 1e-4  # streamed wav vs the official whole-sequence Mimi decode: max abs diff
 
 
-def _run_cli(args, cwd: Path, stdin: str | None = None, **env) -> subprocess.CompletedProcess:
+def _run_cli(args, cwd: Path, stdin: str | None = None, dtype: str | None = "float32",
+             **env) -> subprocess.CompletedProcess:
+    """run.py with `args` in `cwd`; `dtype` None: no --dtype, run.py picks it (auto)."""
     environment = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"} | env
-    # float32, as the official reference runs (--dtype auto is bf16 on CPUs with native bf16)
-    return subprocess.run([sys.executable, str(RUN_PY), "--dtype", "float32", *map(str, args)], cwd=cwd,
+    # float32 by default, as the official reference runs (--dtype auto is bf16 on CPUs with native bf16)
+    dtype_args = ["--dtype", dtype] if dtype else []
+    return subprocess.run([sys.executable, str(RUN_PY), *dtype_args, *map(str, args)], cwd=cwd,
                           input=stdin or "", capture_output=True, text=True, timeout=900, env=environment)
 
 
