@@ -568,10 +568,10 @@ class LFM2Audio(nn.Module):
         weights = folder / "model.safetensors"
         if not weights.is_file():
             raise FileNotFoundError(f"{weights}: model weights not found")
-        # built on the meta device, then allocated uninitialised: every tensor is overwritten by the load,
-        # and random init of 1.5B parameters would take longer than the load itself
         if quantize not in (None, "int8"):
             raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
+        # built on the meta device, then allocated uninitialised: every tensor is overwritten by the load,
+        # and random init of 1.5B parameters would take longer than the load itself
         with torch.device("meta"):
             model = cls(cfg)
         if quantize:

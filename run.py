@@ -194,14 +194,19 @@ def numbered(path: str | None, turn: int | None) -> Path | None:
 
 # ---- streaming output ----
 
+def control_ids(tokenizer) -> set[int]:
+    """LFM2's added tokens are all control tokens (<|im_end|>, <|text_end|>, <|audio_start|>, <|reserved_N|>):
+    they steer the generation, they are not part of an answer's text."""
+    return {t["id"] for t in tokenizer.added.values()}
+
+
 class TextPrinter:
     """Prints text tokens as they arrive. A character's UTF-8 bytes can span several tokens, so the text is
     decoded from the start each time and a trailing U+FFFD (a character not yet complete) is held back."""
 
     def __init__(self, tokenizer, out=sys.stdout):
         self.tokenizer, self.out = tokenizer, out
-        # LFM2's added tokens are all control tokens (<|im_end|>, <|text_end|>, <|audio_start|>, <|reserved_N|>)
-        self.control = {t["id"] for t in tokenizer.added.values()}
+        self.control = control_ids(tokenizer)
         self.ids: list[int] = []
         self.shown = 0  # characters printed
 
@@ -546,7 +551,7 @@ def run_asr(args, model: LFM2Audio, load_s: float, waves: list[torch.Tensor], te
     # caches for this run alone: every row holds a chunk's prompt and transcript, no more (a decode step reads
     # its whole static cache)
     model.setup_caches(longest + max_new, max(1, min(args.batch, len(todo))))
-    control = {t["id"] for t in model.tokenizer.added.values()}
+    control = control_ids(model.tokenizer)
     writers = [TranscriptWriter(p) if p else None for p in text_paths]
     texts, shown, audio_s, total_s = {}, 0, 0.0, sum(c.end - c.start for c in chunks)
     first_text = None
@@ -555,11 +560,11 @@ def run_asr(args, model: LFM2Audio, load_s: float, waves: list[torch.Tensor], te
                                              args.batch, **sampling(args)):
             k = todo[i]
             c = chunks[k]
-            if items[-1] != ("text", IM_END):  # only the bound ends a sequential answer otherwise
-                print(f"note: {args.wav[c.file]} [{timestamp(c.start)} --> {timestamp(c.end)}]: the transcript "
-                      f"reached --max-new-tokens {max_new} and is cut there", file=sys.stderr)
             if items[-1] == ("text", IM_END):  # the turn's end is not content
                 items.pop()
+            else:  # only the bound ends a sequential answer otherwise
+                print(f"note: {args.wav[c.file]} [{timestamp(c.start)} --> {timestamp(c.end)}]: the transcript "
+                      f"reached --max-new-tokens {max_new} and is cut there", file=sys.stderr)
             if args.codes_out:
                 codes = numbered(args.codes_out, k + 1 if len(chunks) > 1 else None)
                 codes.write_text(json.dumps({"prompt_ids": c.chat.text, "items": [
@@ -577,7 +582,7 @@ def run_asr(args, model: LFM2Audio, load_s: float, waves: list[torch.Tensor], te
             if w is not None:
                 w.close()
     took = time.perf_counter() - t0
-    print(f"[time] load {load_s:.2f} s | first text {first_text or took:.2f} s | {len(chunks)} chunk"
+    print(f"[time] load {load_s:.2f} s ({args.setup}) | first text {first_text or took:.2f} s | {len(chunks)} chunk"
           f"{'s' * (len(chunks) > 1)}, {total_s:.1f} s of audio in {took:.2f} s "
           f"({total_s / took:.1f} s of audio per second)", file=sys.stderr)
     return 0
