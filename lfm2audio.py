@@ -133,8 +133,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        normed = F.rms_norm(x.float(), x.shape[-1:], eps=self.eps)  # x * rsqrt(mean(x^2) + eps), in fp32
         if self.weight_in_fp32:
             return (normed * self.weight).type_as(x)
         return self.weight * normed.type_as(x)
@@ -175,17 +174,17 @@ def attend(q, k, v, kv_cache: KVCache, input_pos, mask, row: int = 0) -> torch.T
     """q [B, H, T, hd], k/v [B, KV, T, hd] -> [B, T, H*hd], k/v written to cache rows row .. row+B-1 at
     input_pos first; each query sees the cache's first S' positions where `mask` is True. T > 1: a chunk of a
     prefill of one row, mask [T, S'] (S' its end: the history before it plus itself, causally); T == 1: a decode
-    step over the whole static cache (fixed shapes), mask [B, S] (or [S], the same for every row)."""
+    step, mask [B, S'] (S' the furthest row's end, or the whole static cache when compiled: fixed shapes)."""
     k_all, v_all = kv_cache.update(input_pos, k, v, row)
+    b, n_kv, s, hd = k_all.shape[0], k_all.shape[1], mask.shape[-1], k_all.shape[-1]
+    k_all, v_all = k_all[:, :, :s], v_all[:, :, :s]
     if q.shape[2] > 1:
-        s = mask.shape[-1]
-        y = F.scaled_dot_product_attention(q, k_all[:, :, :s], v_all[:, :, :s], attn_mask=mask, enable_gqa=True)
+        y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=True)
         return y.transpose(1, 2).flatten(2)
     # written out rather than SDPA: CPU SDPA with a mask is ~10x slower than these two small matmuls at a
     # 4096-position cache; the query heads of one KV head are grouped, so K/V are read once, not repeated
-    b, n_kv, s, hd = k_all.shape
     qg = q.view(b, n_kv, -1, hd)  # [B, KV, H/KV, hd]: head h uses KV head h // (H/KV)
-    scores = (qg @ k_all.transpose(-1, -2)) * hd ** -0.5  # [B, KV, H/KV, S]
+    scores = (qg @ k_all.transpose(-1, -2)) * hd ** -0.5  # [B, KV, H/KV, S']
     scores = scores.masked_fill(~mask.view(-1, 1, 1, s), -float("inf"))
     return (scores.softmax(-1) @ v_all).view(b, 1, -1)
 
@@ -308,10 +307,14 @@ class LFM2(nn.Module):
         """x [B, T, D] of the sequences in cache rows row .. row+B-1 -> [B, T, D]. T > 1: consecutive positions
         input_pos [T] of one row, causal within, attending to every cached position before them; conv states
         carry on from the previous call (`reset` before position 0). T == 1, a decode step, one position per row
-        (input_pos [B, 1]), masks the whole static cache: fixed shapes, compilable."""
+        (input_pos [B, 1]), masks the caches up to the furthest row; compiled, the whole static cache: fixed
+        shapes."""
         if x.shape[1] == 1:
             input_pos = input_pos.view(-1, 1)  # [B, 1] ([1, 1]: the same for every row)
-            mask = self.positions <= input_pos  # [B, S]
+            # eager reads no further than the furthest row has written (a host sync: free on a CPU, and generate
+            # syncs once a step anyway), rather than the whole static length
+            end = self.max_seq_len if torch.compiler.is_compiling() else int(input_pos.max()) + 1
+            mask = self.positions[:end] <= input_pos  # [B, end]
             cos, sin = self.rope_cos[input_pos][:, None], self.rope_sin[input_pos][:, None]  # [B, 1, 1, hd]
         else:  # a chunk reads the cache only up to its own end (a host sync; prefill is eager)
             mask = self.positions[:int(input_pos[-1]) + 1] <= input_pos[:, None]  # [T, end]
@@ -359,14 +362,17 @@ class DepthAttention(nn.Module):
         self.bounded_attention = QKNorm(self.head_dim)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, input_pos, mask) -> torch.Tensor:  # x [B, 1, dim]
+    def forward(self, x, cos, sin, step: int) -> torch.Tensor:  # x [B, 1, dim] of codebook `step`
         kv_width = DEPTH_KV_HEADS * self.head_dim
         q, k, v = self.qkv_proj(x).split([x.shape[-1], kv_width, kv_width], dim=-1)
         q = self.bounded_attention.q_layernorm(q.unflatten(-1, (DEPTH_HEADS, self.head_dim))).transpose(1, 2)
         k = self.bounded_attention.k_layernorm(k.unflatten(-1, (DEPTH_KV_HEADS, self.head_dim))).transpose(1, 2)
-        v = v.unflatten(-1, (DEPTH_KV_HEADS, self.head_dim)).transpose(1, 2)
-        q, k = rope_interleaved(q, cos, sin), rope_interleaved(k, cos, sin)
-        return self.out_proj(attend(q, k, v, self.kv_cache, input_pos, mask))
+        q, k = rope_interleaved(q, cos, sin), rope_interleaved(k, cos, sin)  # [B, H or KV, 1, hd]
+        ck, cv = self.kv_cache.k[:x.shape[0]], self.kv_cache.v[:x.shape[0]]  # this batch's rows [B, KV, 8, hd]
+        ck[:, :, step], cv[:, :, step] = k[:, :, 0], v.unflatten(-1, (DEPTH_KV_HEADS, self.head_dim))[:, 0]
+        # the steps so far, unmasked, through SDPA: the official computation (and its fp32 accumulation in bf16)
+        y = F.scaled_dot_product_attention(q, ck[:, :, :step + 1], cv[:, :, :step + 1], enable_gqa=True)
+        return self.out_proj(y.transpose(1, 2).flatten(2))
 
 
 class DepthBlock(nn.Module):
@@ -377,8 +383,8 @@ class DepthBlock(nn.Module):
         self.ffn_norm = RMSNorm(dim, NORM_EPS, weight_in_fp32=True)
         self.feed_forward = FeedForward(dim, swiglu_width(4 * dim))
 
-    def forward(self, x, cos, sin, input_pos, mask) -> torch.Tensor:
-        h = x + self.operator(self.operator_norm(x), cos, sin, input_pos, mask)
+    def forward(self, x, cos, sin, step: int) -> torch.Tensor:
+        h = x + self.operator(self.operator_norm(x), cos, sin, step)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -389,7 +395,7 @@ class Depthformer(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(DepthBlock(cfg.depth_dim) for _ in range(cfg.depth_layers))
         self.codebooks = cfg.codebooks
-        for name in ("rope_cos", "rope_sin", "positions"):  # made by setup_caches
+        for name in ("rope_cos", "rope_sin"):  # made by setup_caches
             self.register_buffer(name, None, persistent=False)
 
     def setup_caches(self, batch: int = 1):
@@ -399,17 +405,14 @@ class Depthformer(nn.Module):
         inv_freq = 1.0 / (DEPTH_ROPE_THETA ** (torch.arange(0, head_dim, 2).float() / head_dim))
         angles = torch.arange(self.codebooks).float()[:, None] * inv_freq  # [8, hd/2]
         self.rope_cos, self.rope_sin = angles.cos().to(w.device), angles.sin().to(w.device)
-        self.positions = torch.arange(self.codebooks, device=w.device)
         for layer in self.layers:
             layer.operator.kv_cache = KVCache(DEPTH_KV_HEADS, self.codebooks, head_dim, w.dtype, w.device, batch)
 
     def forward(self, x: torch.Tensor, k: int) -> torch.Tensor:
-        """x [B, 1, dim] for codebook k -> [B, 1, dim]; positions past k are masked, so no reset is needed."""
-        input_pos = self.positions[k:k + 1]
-        mask = self.positions <= k  # [8]
-        cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
+        """x [B, 1, dim] for codebook k -> [B, 1, dim]; attends to the cache's steps 0..k, so no reset is needed."""
+        cos, sin = self.rope_cos[k], self.rope_sin[k]
         for layer in self.layers:
-            x = layer(x, cos, sin, input_pos, mask)
+            x = layer(x, cos, sin, k)
         return x  # no final norm: each codebook's head has its own
 
 
