@@ -334,12 +334,10 @@ class LFM2(nn.Module):
 
 # ---- depthformer (keys depthformer.*) ----
 
-def rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The depthformer's RoPE: adjacent pairs (x0, x1), (x2, x3), ... rotated, in fp32 as the official code
-    does. x [B, H, T, hd], cos/sin [T, hd/2] fp32."""
-    xf = x.float().unflatten(-1, (-1, 2))
-    a, b = xf[..., 0], xf[..., 1]
-    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2).type_as(x)
+def rope_interleaved(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """The depthformer's RoPE: adjacent pairs (x0, x1), (x2, x3), ... as complex numbers times `rot`, in fp32,
+    as the official code does. x [B, H, T, hd], rot [hd/2] complex64."""
+    return torch.view_as_real(torch.view_as_complex(x.float().unflatten(-1, (-1, 2))) * rot).flatten(-2).type_as(x)
 
 
 class QKNorm(nn.Module):
@@ -362,12 +360,12 @@ class DepthAttention(nn.Module):
         self.bounded_attention = QKNorm(self.head_dim)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, step: int) -> torch.Tensor:  # x [B, 1, dim] of codebook `step`
+    def forward(self, x, rot, step: int) -> torch.Tensor:  # x [B, 1, dim] of codebook `step`
         kv_width = DEPTH_KV_HEADS * self.head_dim
         q, k, v = self.qkv_proj(x).split([x.shape[-1], kv_width, kv_width], dim=-1)
         q = self.bounded_attention.q_layernorm(q.unflatten(-1, (DEPTH_HEADS, self.head_dim))).transpose(1, 2)
         k = self.bounded_attention.k_layernorm(k.unflatten(-1, (DEPTH_KV_HEADS, self.head_dim))).transpose(1, 2)
-        q, k = rope_interleaved(q, cos, sin), rope_interleaved(k, cos, sin)  # [B, H or KV, 1, hd]
+        q, k = rope_interleaved(q, rot), rope_interleaved(k, rot)  # [B, H or KV, 1, hd]
         ck, cv = self.kv_cache.k[:x.shape[0]], self.kv_cache.v[:x.shape[0]]  # this batch's rows [B, KV, 8, hd]
         ck[:, :, step], cv[:, :, step] = k[:, :, 0], v.unflatten(-1, (DEPTH_KV_HEADS, self.head_dim))[:, 0]
         # the steps so far, unmasked, through SDPA: the official computation (and its fp32 accumulation in bf16)
@@ -383,8 +381,8 @@ class DepthBlock(nn.Module):
         self.ffn_norm = RMSNorm(dim, NORM_EPS, weight_in_fp32=True)
         self.feed_forward = FeedForward(dim, swiglu_width(4 * dim))
 
-    def forward(self, x, cos, sin, step: int) -> torch.Tensor:
-        h = x + self.operator(self.operator_norm(x), cos, sin, step)
+    def forward(self, x, rot, step: int) -> torch.Tensor:
+        h = x + self.operator(self.operator_norm(x), rot, step)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -395,8 +393,7 @@ class Depthformer(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(DepthBlock(cfg.depth_dim) for _ in range(cfg.depth_layers))
         self.codebooks = cfg.codebooks
-        for name in ("rope_cos", "rope_sin"):  # made by setup_caches
-            self.register_buffer(name, None, persistent=False)
+        self.register_buffer("rope", None, persistent=False)  # made by setup_caches
 
     def setup_caches(self, batch: int = 1):
         w = self.layers[0].operator_norm.weight  # the model's dtype and device (the linears may be int8)
@@ -404,15 +401,14 @@ class Depthformer(nn.Module):
         # fp32 whatever the model dtype: the official table is complex64 and is not cast with the model
         inv_freq = 1.0 / (DEPTH_ROPE_THETA ** (torch.arange(0, head_dim, 2).float() / head_dim))
         angles = torch.arange(self.codebooks).float()[:, None] * inv_freq  # [8, hd/2]
-        self.rope_cos, self.rope_sin = angles.cos().to(w.device), angles.sin().to(w.device)
+        self.rope = torch.polar(torch.ones_like(angles), angles).to(w.device)  # [8, hd/2] complex64
         for layer in self.layers:
             layer.operator.kv_cache = KVCache(DEPTH_KV_HEADS, self.codebooks, head_dim, w.dtype, w.device, batch)
 
     def forward(self, x: torch.Tensor, k: int) -> torch.Tensor:
         """x [B, 1, dim] for codebook k -> [B, 1, dim]; attends to the cache's steps 0..k, so no reset is needed."""
-        cos, sin = self.rope_cos[k], self.rope_sin[k]
         for layer in self.layers:
-            x = layer(x, cos, sin, k)
+            x = layer(x, self.rope[k], k)
         return x  # no final norm: each codebook's head has its own
 
 
@@ -943,54 +939,83 @@ def int8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scales
 
 
+FOLD_K = (2048, 4096)  # on the CPU, int8 rows of K in [2048, 4096) bytes are stored in pairs (see Int8Linear)
+FOLD_MAX_ROWS = 16  # inputs of up to this many rows multiply folded weights directly (see Int8Linear)
+
+
 class Int8Linear(nn.Module):
-    """y = (x @ q.T) * scales (+ bias), q int8 [N, K]. On the CPU the int8 kernel `_weight_int8pack_mm`
-    with `scales` in bf16 (its fast path: with fp32 activations it runs ~6x slower), the activations cast to
-    and from them; elsewhere dequantize-then-matmul, which torch.compile fuses into one kernel."""
+    """y = (x @ q.T) * scales (+ bias), q int8 [N, K], one scale per output channel.
+
+    On the CPU: the int8 kernel `_weight_int8pack_mm` with bf16 activations (with fp32 ones it runs ~6x slower).
+    It is bound by how fast each core streams weight rows, and it streams rows of 4 KB ~1.3x faster than rows of
+    2 KB, so with `fold` 2 the rows are stored in pairs, `weight` [N/2, 2K]: row i beside row N/2 + i. An input x
+    [M, K] of a few rows (decoding) multiplies them as block_diag(x, x) [2M, 2K], whose two row blocks are the
+    two halves of y (the zeros cost little next to the reads: 0.87 against 1.20 ms for 8192x2048, one row);
+    a longer one (a prefill chunk) multiplies an unfolded copy. Elsewhere: dequantize-then-matmul, which
+    torch.compile fuses into one kernel."""
 
     def __init__(self, out_features: int, in_features: int, scale_dtype: torch.dtype,
-                 bias: torch.Tensor | None = None):
+                 bias: torch.Tensor | None = None, fold: int = 1):
         super().__init__()
-        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8))
+        self.fold = fold
+        self.register_buffer("weight", torch.empty(out_features // fold, fold * in_features, dtype=torch.int8))
         self.register_buffer("scales", torch.empty(out_features, dtype=scale_dtype))
+        self.register_buffer("unit", None, persistent=False)  # folded: the kernel's own scales, ones [N/2]
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     def load_float(self, w: torch.Tensor):
         """Quantize float weights w [N, K] into this layer."""
         q, scales = int8_per_channel(w)
-        self.weight.copy_(q)
+        self.weight.copy_(q.view(self.fold, -1, q.shape[1]).transpose(0, 1).reshape(self.weight.shape))
         self.scales.copy_(scales)
+        if self.fold > 1:
+            self.unit = self.scales.new_ones(self.weight.shape[0])
+
+    def unfolded(self) -> torch.Tensor:
+        """q int8 [N, K] (a copy when folded)."""
+        return self.weight.view(self.weight.shape[0], self.fold, -1).transpose(0, 1).flatten(0, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., K] -> [..., N]
         if not self.weight.is_cpu:
-            y = F.linear(x, self.weight.to(x.dtype)) * self.scales
+            y = F.linear(x, self.unfolded().to(x.dtype)) * self.scales
             return y if self.bias is None else y + self.bias
         # ~300 calls per audio frame: the casts are skipped when they would be no-ops (a bf16 model)
         x2 = x.reshape(-1, x.shape[-1])  # the kernel takes 2-D input only
         if x.dtype != self.scales.dtype:
             x2 = x2.to(self.scales.dtype)
-        y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales).view(*x.shape[:-1], -1)
+        m = x2.shape[0]
+        if self.fold == 1 or m > FOLD_MAX_ROWS:
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.unfolded().contiguous(), self.scales)
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(torch.block_diag(x2, x2), self.weight, self.unit)  # [2M, N/2]
+            y = y.view(2, m, -1).transpose(0, 1).reshape(m, -1) * self.scales
+        y = y.view(*x.shape[:-1], -1)
         if self.bias is not None:
             y = y + self.bias
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
-def quantize(model: LFM2Audio, scale_dtype: torch.dtype) -> LFM2Audio:
+def quantize(model: LFM2Audio, device) -> LFM2Audio:
     """Swap the linear layers decoding reads (backbone blocks, depth_linear, depthformer, codebook heads) for
     Int8Linear, quantizing their weights (on the meta device: only the shapes), and add `text_head`, an int8
-    copy of the tied text logits. The embeddings, norms, encoder and adapter stay as they are."""
+    copy of the tied text logits; laid out for `device`. The embeddings, norms, encoder and adapter stay as
+    they are."""
     for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
             full = f"{parent_name}.{name}".lstrip(".")
             if isinstance(child, nn.Linear) and full.startswith(("lfm.layers.", "depth")):
-                setattr(parent, name, _int8_from(child.weight, child.bias, scale_dtype))
-    model.text_head = _int8_from(model.embed_tokens_weight, None, scale_dtype)
+                setattr(parent, name, _int8_from(child.weight, child.bias, device))
+    model.text_head = _int8_from(model.embed_tokens_weight, None, device)
     return model
 
 
-def _int8_from(weight: torch.Tensor, bias: torch.Tensor | None, scale_dtype: torch.dtype) -> Int8Linear:
+def _int8_from(weight: torch.Tensor, bias: torch.Tensor | None, device) -> Int8Linear:
+    """An Int8Linear for `weight` [N, K] to run on `device`: on the CPU, bf16 scales (the kernel's) and rows of
+    K in FOLD_K folded; elsewhere scales in the weight's dtype."""
+    cpu = torch.device(device).type == "cpu"
+    fold = 2 if cpu and FOLD_K[0] <= weight.shape[1] < FOLD_K[1] and weight.shape[0] % 2 == 0 else 1
     with torch.device(weight.device):
-        layer = Int8Linear(*weight.shape, scale_dtype, bias)
+        layer = Int8Linear(*weight.shape, torch.bfloat16 if cpu else weight.dtype, bias, fold)
     if weight.device.type != "meta":
         with torch.no_grad():
             layer.load_float(weight)
@@ -1039,8 +1064,7 @@ def load_int8(model: LFM2Audio, weights: Path, device) -> LFM2Audio:
     targets = {}  # name in the file -> the model tensors it fills
     for target, source in sources.items():
         targets.setdefault(source, []).append(target)
-    scale_dtype = torch.bfloat16 if device.type == "cpu" else model.embed_tokens_weight.dtype
-    model = quantize(model, scale_dtype).to_empty(device=device)
+    model = quantize(model, device).to_empty(device=device)
     for m in model.modules():  # tied weights left float (none by default) were copied apart by to_empty
         if isinstance(m, SharedEmbedding) and isinstance(m.to_logits, nn.Linear):
             m.tie_weights()

@@ -1756,20 +1756,26 @@ def test_int8_per_channel_round_trip():
     assert (q[rows].abs().amax(1) == 127).all()
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_int8_linear_matches_dequantized(dtype):
+@pytest.mark.parametrize("dtype,k,rows", [(torch.bfloat16, 256, 3), (torch.float32, 256, 3),
+                                          (torch.bfloat16, 2048, 1), (torch.bfloat16, 2048, 2),
+                                          (torch.float32, 2048, lfm2audio.FOLD_MAX_ROWS + 1)])
+def test_int8_linear_matches_dequantized(dtype, k, rows):
     """Int8Linear (the CPU int8 kernel, bf16 inside) equals x @ dequantized(W).T + b within bf16 rounding, for
-    3-D input and bias, and returns the input's dtype."""
+    3-D input and bias, and returns the input's dtype. K = 2048 is stored folded: a decode step's rows multiply
+    the folded weights, more rows (a prefill) an unfolded copy; both must equal the same dequantized weights."""
     g = torch.Generator().manual_seed(1)
-    dense = nn.Linear(256, 384, dtype=dtype)
+    dense = nn.Linear(k, 384, dtype=dtype)
     with torch.no_grad():
-        dense.weight.copy_(torch.randn(384, 256, generator=g) / 16)
-    layer = lfm2audio._int8_from(dense.weight, dense.bias, torch.bfloat16)
-    x = torch.randn(2, 3, 256, generator=g, dtype=dtype)
+        dense.weight.copy_(torch.randn(384, k, generator=g) / 16)
+    layer = lfm2audio._int8_from(dense.weight, dense.bias, "cpu")
+    assert layer.fold == (2 if k == 2048 else 1) and layer.weight.shape == (384 // layer.fold, k * layer.fold)
+    x = torch.randn(2, rows, k, generator=g, dtype=dtype)
     with torch.no_grad():
         y = layer(x)
-    expected = x.float() @ (layer.weight.float() * layer.scales.float()[:, None]).T + dense.bias.float()
-    assert y.dtype == dtype and y.shape == (2, 3, 384)
+    q, _ = lfm2audio.int8_per_channel(dense.weight)
+    assert torch.equal(layer.unfolded(), q)
+    expected = x.float() @ (q.float() * layer.scales.float()[:, None]).T + dense.bias.float()
+    assert y.dtype == dtype and y.shape == (2, rows, 384)
     assert ((y.float() - expected).norm() / expected.norm()) < 1e-2
     # and the quantization itself is close to the float layer (per-channel int8: well under 1%)
     with torch.no_grad():
@@ -1787,8 +1793,7 @@ def test_int8_load_equals_quantizing_loaded_model(tiny_ckpt):
     depthformer and the heads is int8 (the text head an int8 copy of the tied embedding, the codebook heads
     int8 copies of theirs); embeddings, norms, the encoder and the adapter keep the model dtype."""
     streamed = LFM2Audio.from_pretrained(tiny_ckpt, dtype=torch.bfloat16, max_seq_len=64, quantize="int8")
-    whole = lfm2audio.quantize(LFM2Audio.from_pretrained(tiny_ckpt, dtype=torch.bfloat16, max_seq_len=64),
-                               torch.bfloat16)
+    whole = lfm2audio.quantize(LFM2Audio.from_pretrained(tiny_ckpt, dtype=torch.bfloat16, max_seq_len=64), "cpu")
     a, b = streamed.state_dict(), whole.state_dict()
     assert a.keys() == b.keys()
     assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a), \
