@@ -366,7 +366,7 @@ def bench_decode(args) -> dict:
             makers.append(lambda dtype=dtype: _Official(folder, device, dtype, args.context))
         if not args.int8_only:
             makers.append(lambda dtype=dtype: _Ours(folder, device, dtype, args.context))
-        if args.compile:
+        if args.compile and not args.int8_only:
             makers.append(lambda dtype=dtype: _Ours(folder, device, dtype, args.context, compile=True))
     if args.quantize:  # in the last dtype (the int8 matmuls themselves take bf16 activations on a CPU)
         makers.append(lambda: _Ours(folder, device, dtypes[-1], args.context, quantize=args.quantize))
@@ -743,7 +743,8 @@ def main(argv=None):
     p.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
                    help="one or more: official and ours run in each")
     p.add_argument("--quantize", choices=["int8"], help="also ours with int8 weights, in the last --dtype")
-    p.add_argument("--int8-only", action="store_true", help="ours only with --quantize (the official in each dtype)")
+    p.add_argument("--int8-only", action="store_true",
+                   help="ours only with --quantize, eager (and compiled with --compile); the official in each dtype")
     p.add_argument("--steps", type=int, default=48, help="greedy backbone steps per generation")
     p.add_argument("--context", type=int, default=4096, help="our static cache length (run.py's default)")
     p.add_argument("--compile", action="store_true", help="also run ours with the compiled decode path")
