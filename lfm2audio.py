@@ -133,10 +133,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        normed = F.rms_norm(x.float(), x.shape[-1:], eps=self.eps)  # x * rsqrt(mean(x^2) + eps), in fp32
+        # F.rms_norm: x * rsqrt(mean(x^2) + eps), computed in fp32 whatever x's dtype, rounded to it once
         if self.weight_in_fp32:
-            return (normed * self.weight).type_as(x)
-        return self.weight * normed.type_as(x)
+            return (F.rms_norm(x.float(), x.shape[-1:], eps=self.eps) * self.weight).type_as(x)
+        return self.weight * F.rms_norm(x, x.shape[-1:], eps=self.eps)
 
 
 class FeedForward(nn.Module):
