@@ -14,14 +14,11 @@ import ast
 import fcntl
 import gc
 import json
-import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
-
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as run.py does: 2 MB pages for the weights (see there)
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT / ".ci"))  # fixtures.py: test checkpoints and the official package, no pytest

@@ -16,18 +16,13 @@ Errors are one line on stderr (`error: ...`) and a non-zero exit.
 
 import argparse
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-# 2 MB pages for torch's large tensors: decoding streams the weights from memory every step, and with 4 KB pages
-# the CPU int8 kernel reads them ~5% slower (bench.py decode). Torch reads this once, at its first allocation.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-
-import soundfile as sf  # noqa: E402
-import torch  # noqa: E402
+import soundfile as sf
+import torch
 
 import conformer
 from detokenizer import Detokenizer
