@@ -950,7 +950,7 @@ class Int8Linear(nn.Module):
     It is bound by how fast each core streams weight rows, and it streams rows of 4 KB ~1.3x faster than rows of
     2 KB, so with `fold` 2 the rows are stored in pairs, `weight` [N/2, 2K]: row i beside row N/2 + i. An input x
     [M, K] of a few rows (decoding) multiplies them as block_diag(x, x) [2M, 2K], whose two row blocks are the
-    two halves of y (the zeros cost little next to the reads: 0.87 against 1.20 ms for 8192x2048, one row);
+    two halves of y (the zeros cost little next to the reads: 1.02 against 1.27 ms for 8192x2048, one row);
     a longer one (a prefill chunk) multiplies an unfolded copy. Elsewhere: dequantize-then-matmul, which
     torch.compile fuses into one kernel."""
 
