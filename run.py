@@ -381,6 +381,8 @@ def load(args) -> tuple[LFM2Audio, Mimi | Detokenizer | None, float]:
     check_checkpoint(folder, args)
     model = LFM2Audio.from_pretrained(folder, device=device, dtype=dtype, max_seq_len=args.context,
                                       compile=args.compile, quantize=args.quantize)
+    if args.compile:
+        warm_up(model, sampling(args))
     args.setup = f"{device} {str(dtype).removeprefix('torch.')}" + (f" {args.quantize}" if args.quantize else "")
     vocoder, decoder = pick_vocoder(folder, args), None
     if vocoder == "mimi":
@@ -388,6 +390,17 @@ def load(args) -> tuple[LFM2Audio, Mimi | Detokenizer | None, float]:
     elif vocoder == "lfm2":
         decoder = Detokenizer.from_folder(folder / DETOKENIZER_DIR, device=device)
     return model, decoder, time.perf_counter() - t0
+
+
+def warm_up(model: LFM2Audio, sampling: dict):
+    """Compile now, so that load time holds it and the answers' timings are the steady state: one backbone step
+    and one step of each head with the answers' sampling settings (constants of the compiled graphs). It writes
+    position 0 of the caches, which the first answer's prefill rewrites."""
+    with torch.no_grad():
+        h = model.embed_tokens_weight.new_zeros(1, model.cfg.dim)
+        _, x = model.text_step(h, sampling["text_temperature"], sampling["text_top_k"])
+        model.audio_step(h, sampling["audio_temperature"], sampling["audio_top_k"])
+        model.decode_one(x, torch.zeros(1, 1, dtype=torch.long, device=h.device))
 
 
 def make_room(chat: Chat, args):
