@@ -222,8 +222,9 @@ class ShortConv(nn.Module):
         # the depthwise conv as kernel shifted products, time-major: conv1d on a one-step window is a slow
         # path on CPU (~20 ms per layer), and this needs no transposes
         taps = self.conv.weight[:, 0]  # [D, kernel]
-        y = sum(window[:, j:j + t] * taps[:, j] for j in range(self.kernel))  # [B, T, D]
-        return self.out_proj(c * y)
+        wf = window.float()  # summed in fp32 and rounded once, as conv1d accumulates
+        y = sum(wf[:, j:j + t] * taps[:, j] for j in range(self.kernel))  # [B, T, D]
+        return self.out_proj(c * y.type_as(x))
 
 
 class Attention(nn.Module):
