@@ -720,7 +720,7 @@ def _own_choices(run: dict, items: dict) -> dict:
     return agreement(run, run) | {"own_choices": greedy == chosen}
 
 
-def _replay_ours(**load_kw):
+def replay_ours(**load_kw):
     """replay(folder, items) through our model loaded with `load_kw` (from_pretrained's arguments)."""
     def replay(folder, items):
         from lfm2audio import LFM2Audio
@@ -729,7 +729,7 @@ def _replay_ours(**load_kw):
     return replay
 
 
-def _replay_official(dtype):
+def replay_official(dtype):
     """replay(folder, items) through the official model in `dtype` (its prompts: ChatState, bf16 mels)."""
     def replay(folder, items):
         from fixtures import official, official_prompt
@@ -766,11 +766,11 @@ def bench_accuracy(args) -> dict:
     folder = Path(args.model) if args.model else cached_checkpoint(FULL_CONFIG, 0)
     # int8 in a float32 model: the int8 matmuls still take bf16 inputs, everything else stays float32.
     # The official package in bf16 against its own float32 replay: what its numerics reach on the same items.
-    variants = {"bfloat16": (_replay_ours(dtype=torch.bfloat16), "float32"),
-                "int8": (_replay_ours(dtype=torch.bfloat16, quantize="int8"), "float32"),
-                "int8-fp32": (_replay_ours(dtype=torch.float32, quantize="int8"), "float32"),
-                "official-float32": (_replay_official(torch.float32), "float32"),
-                "official-bfloat16": (_replay_official(torch.bfloat16), "official-float32")}
+    variants = {"bfloat16": (replay_ours(dtype=torch.bfloat16), "float32"),
+                "int8": (replay_ours(dtype=torch.bfloat16, quantize="int8"), "float32"),
+                "int8-fp32": (replay_ours(dtype=torch.float32, quantize="int8"), "float32"),
+                "official-float32": (replay_official(torch.float32), "float32"),
+                "official-bfloat16": (replay_official(torch.bfloat16), "official-float32")}
     with open("/tmp/lfm2audio-bigmem.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         res = measure_accuracy(folder, args.steps, variants)
