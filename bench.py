@@ -656,34 +656,91 @@ def agreement(ref: dict, other: dict) -> dict:
             "hidden_rel_err_mean": hidden_mean, "hidden_rel_err_max": hidden_max}
 
 
+def teacher_forced_official(model, chat, items) -> dict:
+    """teacher_forced for the official model: its transformers LFM2 backbone with its own cache, its
+    depthformer (forward_cached) and heads, driven step by step as its generate loops drive them."""
+    import torch
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        x, cache = model._prefill(**chat), None  # [1, L, D]
+        logits, hidden = [], []
+        for kind, value in items:
+            out = model.lfm(inputs_embeds=x, past_key_values=cache, use_cache=True)
+            cache, h = out.past_key_values, out.last_hidden_state[0, -1]  # h [D]
+            hidden.append(h.float().cpu())
+            if kind == "text":
+                logits.append(F.linear(h, model.lfm.embed_tokens.weight).float().cpu())
+                x = model.lfm.embed_tokens(torch.tensor([value], device=h.device))[None]
+                continue
+            codes = torch.tensor(value, device=h.device)  # [8]
+            d = model.depth_linear(h).view(model.codebooks, -1)  # [8, depth_dim]
+            prev, depth_cache = torch.zeros_like(d[0]), None
+            for k, head in enumerate(model.depth_embeddings):
+                y, depth_cache = model.depthformer.forward_cached((d[k] + prev)[None, None], depth_cache)
+                logits.append(head.get_logits(y.squeeze()).float().cpu())
+                if codes[0] == 2048:
+                    break
+                prev = head(codes[k:k + 1]).squeeze()
+            x = model.audio_embedding(codes + model.codebook_offsets).sum(0)[None, None]
+    return {"logits": logits, "hidden": hidden}
+
+
 def measure_accuracy(folder: Path, steps: int, variants: dict) -> dict:
     """Greedy float32 generations (ACCURACY_TASKS, `steps` each) replayed teacher-forced through float32 and
-    through each of `variants` ({name: from_pretrained keyword arguments}), one model in memory at a time;
-    {name: agreement(...)}, plus "float32": float32 replayed against its own greedy items (must be exact)."""
+    through each of `variants` ({name: (replay, reference name)}, replay(folder, items) -> teacher_forced
+    result), one model in memory at a time; {name: agreement with its reference}, references being "float32"
+    or an earlier variant. "float32" is our float32 replayed against its own greedy items (must be exact)."""
     import torch
 
     from fixtures import PROMPTS
     from lfm2audio import LFM2Audio
 
-    def load(**kw):
-        return LFM2Audio.from_pretrained(folder, max_seq_len=1024, **kw)
-
-    model = load(dtype=torch.float32)
+    model = LFM2Audio.from_pretrained(folder, max_seq_len=1024, dtype=torch.float32)
     items = {t: [(k, v if k == "text" else v.tolist()) for k, v in
                  model.generate(_prompt(model, t), PROMPTS[t][3], steps)] for t in ACCURACY_TASKS}
-    ref = _replay(model, items)
-    out = {"float32": agreement(ref, ref)}
-    greedy = [a.argmax() for a in ref["logits"]]  # teacher forcing float32 on its own items: its own choices
-    chosen = [c for t in ACCURACY_TASKS for k, v in items[t] for c in ([v] if k == "text" else v[:1] if v[0] == 2048 else v)]
-    out["float32"]["own_choices"] = all(int(g) == c for g, c in zip(greedy, chosen)) and len(greedy) == len(chosen)
+    runs = {"float32": _replay(model, items)}
     del model
     gc.collect()
-    for name, kw in variants.items():
-        model = load(**kw)
-        out[name] = agreement(ref, _replay(model, items))
-        del model
+    out = {"float32": _own_choices(runs["float32"], items)}
+    for name, (replay, ref) in variants.items():
+        runs[name] = replay(folder, items)
+        out[name] = agreement(runs[ref], runs[name])
+        if name.endswith("float32"):  # another float32 replay: its greedy choices must be the items too
+            out[name] |= {"own_choices": _own_choices(runs[name], items)["own_choices"]}
         gc.collect()
     return out
+
+
+def _own_choices(run: dict, items: dict) -> dict:
+    """agreement of a replay with itself, plus whether its greedy choices are the replayed items."""
+    greedy = [int(a.argmax()) for a in run["logits"]]
+    chosen = [c for t in ACCURACY_TASKS for k, v in items[t]
+              for c in ([v] if k == "text" else v[:1] if v[0] == 2048 else v)]
+    return agreement(run, run) | {"own_choices": greedy == chosen}
+
+
+def replay_ours(**load_kw):
+    """replay(folder, items) through our model loaded with `load_kw` (from_pretrained's arguments)."""
+    def replay(folder, items):
+        from lfm2audio import LFM2Audio
+
+        return _replay(LFM2Audio.from_pretrained(folder, max_seq_len=1024, **load_kw), items)
+    return replay
+
+
+def replay_official(dtype):
+    """replay(folder, items) through the official model in `dtype` (its prompts: ChatState, bf16 mels)."""
+    def replay(folder, items):
+        from fixtures import official, official_prompt
+        official()
+        from liquid_audio import LFM2AudioModel, LFM2AudioProcessor
+
+        model = LFM2AudioModel.from_pretrained(folder, dtype=dtype, device="cpu").eval()
+        processor = LFM2AudioProcessor.from_pretrained(folder, device="cpu").eval()
+        runs = [teacher_forced_official(model, official_prompt(processor, t), items[t]) for t in ACCURACY_TASKS]
+        return {k: [x for r in runs for x in r[k]] for k in ("logits", "hidden")}
+    return replay
 
 
 def _prompt(model, task):
@@ -707,9 +764,13 @@ def bench_accuracy(args) -> dict:
     from fixtures import FULL_CONFIG, cached_checkpoint
 
     folder = Path(args.model) if args.model else cached_checkpoint(FULL_CONFIG, 0)
-    # int8 in a float32 model: the int8 matmuls still take bf16 inputs, everything else stays float32
-    variants = {"bfloat16": {"dtype": torch.bfloat16}, "int8": {"dtype": torch.bfloat16, "quantize": "int8"},
-                "int8-fp32": {"dtype": torch.float32, "quantize": "int8"}}
+    # int8 in a float32 model: the int8 matmuls still take bf16 inputs, everything else stays float32.
+    # The official package in bf16 against its own float32 replay: what its numerics reach on the same items.
+    variants = {"bfloat16": (replay_ours(dtype=torch.bfloat16), "float32"),
+                "int8": (replay_ours(dtype=torch.bfloat16, quantize="int8"), "float32"),
+                "int8-fp32": (replay_ours(dtype=torch.float32, quantize="int8"), "float32"),
+                "official-float32": (replay_official(torch.float32), "float32"),
+                "official-bfloat16": (replay_official(torch.bfloat16), "official-float32")}
     with open("/tmp/lfm2audio-bigmem.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         res = measure_accuracy(folder, args.steps, variants)
@@ -717,9 +778,9 @@ def bench_accuracy(args) -> dict:
           f"decisions counted where float32's top-2 margin > {MARGIN:.0%} of its logit std")
     cols = ["decisions", "counted", "agreement", "agreement_all", "logit_rel_err_mean", "logit_rel_err_max",
             "hidden_rel_err_mean", "hidden_rel_err_max"]
-    print(f"{'':<10}" + "".join(f"{c:>20}" for c in cols))
+    print(f"{'':<18}" + "".join(f"{c:>20}" for c in cols))
     for name, r in res.items():
-        print(f"{name:<10}" + "".join(f"{r[c]:>20}" for c in cols))
+        print(f"{name:<18}" + "".join(f"{r[c]:>20}" for c in cols))
     result = {"bench": "accuracy", "steps": args.steps, "margin": MARGIN, **res}
     print(json.dumps(result))
     return result

@@ -221,8 +221,9 @@ class ShortConv(nn.Module):
         # the depthwise conv as kernel shifted products, time-major: conv1d on a one-step window is a slow
         # path on CPU (~20 ms per layer), and this needs no transposes
         taps = self.conv.weight[:, 0]  # [D, kernel]
-        y = sum(window[:, j:j + t] * taps[:, j] for j in range(self.kernel))  # [B, T, D]
-        return self.out_proj(c * y)
+        wf = window.float()  # summed in fp32 and rounded once, as conv1d accumulates
+        y = sum(wf[:, j:j + t] * taps[:, j] for j in range(self.kernel))  # [B, T, D]
+        return self.out_proj(c * y.type_as(x))
 
 
 class Attention(nn.Module):
@@ -381,9 +382,10 @@ class DepthBlock(nn.Module):
         self.ffn_norm = RMSNorm(dim, NORM_EPS, weight_in_fp32=True)
         self.feed_forward = FeedForward(dim, swiglu_width(4 * dim))
 
-    def forward(self, x, rot, step: int) -> torch.Tensor:
-        h = x + self.operator(self.operator_norm(x), rot, step)
-        return h + self.feed_forward(self.ffn_norm(h))
+    def forward(self, x, rot, step: int) -> torch.Tensor:  # x [B, 1, dim] fp32, the residual stream
+        dtype = self.ffn_norm.weight.dtype  # the branches run in the model's dtype, their inputs rounded once
+        h = x + self.operator(self.operator_norm(x).to(dtype), rot, step).float()
+        return h + self.feed_forward(self.ffn_norm(h).to(dtype)).float()
 
 
 class Depthformer(nn.Module):
@@ -406,7 +408,11 @@ class Depthformer(nn.Module):
             layer.operator.kv_cache = KVCache(DEPTH_KV_HEADS, self.codebooks, head_dim, w.dtype, w.device, batch)
 
     def forward(self, x: torch.Tensor, k: int) -> torch.Tensor:
-        """x [B, 1, dim] for codebook k -> [B, 1, dim]; attends to the cache's steps 0..k, so no reset is needed."""
+        """x [B, 1, dim] for codebook k -> [B, 1, dim] fp32; attends to the cache's steps 0..k, so no reset is
+        needed. The residual stream stays fp32 whatever the model dtype (the official one rounds it to the model
+        dtype after every branch: in bf16 that is most of the audio codes' error; it is 1024 wide, so the
+        casts cost nothing next to the weights)."""
+        x = x.float()
         for layer in self.layers:
             x = layer(x, self.rope[k], k)
         return x  # no final norm: each codebook's head has its own
@@ -428,7 +434,28 @@ class SharedEmbedding(nn.Module):
             self.to_logits.weight = self.embedding.weight
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.to_logits(self.embedding_norm(x))
+        """x [..., dim] (fp32 from the depthformer) -> logits [..., vocab]: normed in fp32, rounded once to the
+        model dtype for the projection; fp32 logits with the best ones exact (`exact_top`) in a bf16 model."""
+        normed = self.embedding_norm(x)
+        logits = self.to_logits(normed.to(self.embedding_norm.weight.dtype))
+        if isinstance(self.to_logits, nn.Linear):  # int8 heads: see Int8Linear
+            return exact_top(logits, self.to_logits.weight, normed)
+        return logits
+
+
+EXACT_TOP = 8  # logits recomputed exactly per row: greedy's choice and the top of any sampling are among them
+
+
+def exact_top(logits: torch.Tensor, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """logits [..., V] = x [..., K] @ weight [V, K].T computed in bf16 -> fp32 logits, the EXACT_TOP largest
+    recomputed in fp32 from those rows of `weight`. A bf16 logit is rounded to 8 significant bits (up to 0.03
+    near 8), more than many margins between the two best; the rows cost EXACT_TOP * K weight reads. Float32
+    logits are returned as they are (the float32 path stays the official one's)."""
+    if logits.dtype == torch.float32:
+        return logits
+    top = logits.topk(EXACT_TOP, -1).indices  # [..., R]
+    exact = (weight[top].float() @ x.float()[..., None])[..., 0]  # [..., R, K] @ [..., K, 1] -> [..., R]
+    return logits.float().scatter(-1, top, exact)
 
 
 # ---- sampling ----
@@ -684,7 +711,8 @@ class LFM2Audio(nn.Module):
     def text_logits(self, h: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "text_head"):  # an int8 copy of the tied embedding (quantize)
             return self.text_head(h)
-        return F.linear(h, self.embed_tokens_weight)  # tied to the input embedding
+        w = self.embed_tokens_weight  # tied to the input embedding
+        return exact_top(F.linear(h, w), w, h)
 
     # -- one generated item, on the device: sampled ids and the next input embedding, no host sync --
 

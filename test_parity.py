@@ -1094,6 +1094,55 @@ def test_lfm2audio_load_bf16(tiny_ckpt, lfm2audio_pair):
     assert len(list(ours.generate(chat, "sequential", 8))) > 0
 
 
+def test_bf16_conv_layer_equals_official(tiny_ckpt, official_tiny):
+    """A bf16 short-conv layer (prefill, then decode steps carrying its state) equals the official bf16 one
+    exactly: the taps are summed in fp32 and rounded once, as the official conv1d does."""
+    from transformers import DynamicCache
+
+    ours = lfm2audio.LFM2Audio.from_pretrained(tiny_ckpt, dtype=torch.bfloat16, max_seq_len=64)
+    off = copy.deepcopy(official_tiny[0].lfm).to(torch.bfloat16)
+    conv, ref = ours.lfm.layers[0].conv, off.layers[0].conv
+    cache = DynamicCache(config=off.config)
+    x = torch.randn(1, 12, ours.cfg.dim, generator=torch.Generator().manual_seed(0)).bfloat16()
+    with torch.no_grad():
+        ours.lfm.reset()
+        assert torch.equal(conv(x[:, :9]), ref(x[:, :9], past_key_values=cache))
+        for t in range(9, 12):
+            assert torch.equal(conv(x[:, t:t + 1]), ref(x[:, t:t + 1], past_key_values=cache)), t
+
+
+def test_exact_top():
+    """bf16 logits come back fp32 with their EXACT_TOP largest equal to the fp32 products of those rows (so
+    greedy picks float32's winner where bf16 rounding tied or swapped it); fp32 logits are left untouched."""
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(3000, 256, generator=g).bfloat16(), torch.randn(2, 256, generator=g).bfloat16()
+    exact = x.float() @ w.float().T  # [2, 3000]
+    got = lfm2audio.exact_top(F.linear(x, w), w, x)
+    assert got.dtype == torch.float32
+    top = F.linear(x, w).topk(lfm2audio.EXACT_TOP, -1).indices
+    assert torch.allclose(got.gather(-1, top), exact.gather(-1, top), rtol=1e-6, atol=1e-5)
+    assert torch.equal(got.argmax(-1), exact.argmax(-1))
+    assert not torch.equal(F.linear(x, w).float().gather(-1, top), exact.gather(-1, top))  # bf16 did round
+    fp32 = F.linear(x.float(), w.float())
+    assert lfm2audio.exact_top(fp32, w.float(), x.float()) is fp32
+
+
+def test_bf16_depthformer_keeps_fp32_residual(tiny_ckpt, lfm2audio_pair):
+    """In a bf16 model the depthformer's residual stream and output are fp32, within 1% of the float32 model's,
+    and its codebook logits fp32 with float32's greedy choice."""
+    ours = lfm2audio.LFM2Audio.from_pretrained(tiny_ckpt, dtype=torch.bfloat16, max_seq_len=64)
+    fp32 = lfm2audio_pair[0]
+    x = torch.randn(1, 1, ours.cfg.depth_dim, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = ours.depthformer(x.bfloat16(), 0)
+        assert y.dtype == torch.float32
+        ref = fp32.depthformer(x.bfloat16().float(), 0)
+        err = float((y - ref).norm() / ref.norm())
+        assert err < 1e-2, err
+        logits = ours.depth_embeddings[0].logits(y)
+        assert logits.dtype == torch.float32 and logits.argmax() == fp32.depth_embeddings[0].logits(ref).argmax()
+
+
 def _lfm2audio_copy_ckpt(src, dst, edit=None):
     """A copy of a checkpoint folder with `edit(state_dict)` applied to model.safetensors."""
     shutil.copytree(src, dst)
@@ -1817,10 +1866,15 @@ def test_int8_teacher_forced_tiny(tiny_ckpt):
     """The accuracy machinery on the tiny model: float32 replayed on its own greedy items makes the same
     choices; bf16 and int8 agree with it on most decisions (the tiny model's margins are small, so this bound
     is loose; the full-size test holds the real ones)."""
-    res = bench.measure_accuracy(tiny_ckpt, 24, {"bfloat16": {"dtype": torch.bfloat16},
-                                                 "int8": {"dtype": torch.bfloat16, "quantize": "int8"}})
+    official()
+    res = bench.measure_accuracy(tiny_ckpt, 24, {
+        "bfloat16": (bench.replay_ours(dtype=torch.bfloat16), "float32"),
+        "int8": (bench.replay_ours(dtype=torch.bfloat16, quantize="int8"), "float32"),
+        "official-float32": (bench.replay_official(torch.float32), "float32")})
     assert res["float32"]["own_choices"] and res["float32"]["agreement"] == 1.0
     assert res["float32"]["decisions"] >= 100
+    # the official model driven step by step makes float32's choices: the replay drives it as generate does
+    assert res["official-float32"]["own_choices"] and res["official-float32"]["agreement"] == 1.0, res
     assert res["bfloat16"]["agreement"] >= 0.95 and res["int8"]["agreement"] >= 0.95, res
 
 
@@ -1889,8 +1943,9 @@ def test_accuracy_full_size(full_ckpt):
     decisions of a spoken chat and a TTS prompt (float32 itself is token-exact with the official package: the
     sections above), counted where float32's top-2 margin is clear. Fails below the floors (AGREEMENT_FLOOR)."""
     official()
-    res = bench.measure_accuracy(full_ckpt, 32, {"bfloat16": {"dtype": torch.bfloat16},
-                                                 "int8": {"dtype": torch.bfloat16, "quantize": "int8"}})
+    res = bench.measure_accuracy(full_ckpt, 32, {
+        "bfloat16": (bench.replay_ours(dtype=torch.bfloat16), "float32"),
+        "int8": (bench.replay_ours(dtype=torch.bfloat16, quantize="int8"), "float32")})
     assert res["float32"]["own_choices"], res
     assert res["float32"]["counted"] >= 200, res
     for name, floor in AGREEMENT_FLOOR.items():
