@@ -1929,11 +1929,10 @@ def test_run_int8_bad_input(tiny_ckpt, tmp_path):
 
 # ---- full size ----
 
-# measured on the full-size checkpoint: bf16 0.977, int8 0.956 here (32 steps per task); 0.983 and 0.964 with
-# bench.py accuracy (48 steps). The floors guard against regressions; the targets (bf16 0.995, int8 0.99)
-# are not reached: bf16's flips come from its bf16 activations, int8's from the int8 weights themselves
-# (int8 in a float32 model agrees no better)
-AGREEMENT_FLOOR = {"bfloat16": 0.96, "int8": 0.94}
+# measured with bench.py accuracy (48 steps per task): bf16 0.992 (the official package's bf16 against its own
+# float32: 0.988), int8 0.970. The floors guard against regressions; the targets (bf16 0.995, int8 0.99) are
+# not reached: int8's flips come from the int8 weights themselves (int8 in a float32 model agrees no better)
+AGREEMENT_FLOOR = {"bfloat16": 0.975, "int8": 0.95}
 AGREEMENT_TARGET = {"bfloat16": 0.995, "int8": 0.99}  # not reached (README); not asserted
 
 
