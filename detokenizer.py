@@ -200,7 +200,9 @@ class Detokenizer(nn.Module):
         model.inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
         return model.eval()
 
-    def new_stream(self, batch_size: int = 1) -> DetokenizerStream:
+    def new_stream(self, batch_size: int = 1, max_frames: int = 1) -> DetokenizerStream:
+        """A fresh decoding state. `max_frames`, Mimi.new_stream's bound on frames per call, is accepted so both
+        decoders open streams alike; here a call may take any number of frames."""
         if batch_size < 1:
             raise ValueError(f"new_stream needs batch_size >= 1, got {batch_size}")
         w = self.lin.weight

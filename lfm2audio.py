@@ -911,23 +911,41 @@ def is_end_of_audio(frame: torch.Tensor) -> bool:
     return bool((frame == END_OF_AUDIO).any())
 
 
-def respond(model: LFM2Audio, chat: Chat, vocoder=None, mode: str = "interleaved", **generate_kw
-            ) -> Iterator[tuple[str, object, torch.Tensor | None]]:
-    """The assistant's turn along the whole data path, streamed: yields ("text", id, None) and ("audio",
-    codes [8], wave [n] at 24 kHz, or None for an end-of-audio frame or without a vocoder); with a vocoder,
-    last ("tail", None, wave): what it held back (the LFM2 detokenizer's last 480 samples; none for Mimi).
+def respond(model: LFM2Audio, chat: Chat, vocoder=None, mode: str = "interleaved", decode_frames: int = 1,
+            **generate_kw) -> Iterator[tuple[str, object, torch.Tensor | None]]:
+    """The assistant's turn along the whole data path, streamed: yields the items as they are generated,
+    ("text", id, None) and ("audio", codes [8], None), and with a vocoder the sound as it is decoded,
+    ("wave", None, wave [n] at 24 kHz). The answer's first frame is decoded at once (the first audio), later
+    ones `decode_frames` at a time (on a CPU a decoder call costs less per frame the more frames it takes: the
+    decoder's weights are read once per call), and pending frames at the next item that is not sound; last
+    comes what the decoder held back (the LFM2 detokenizer's last 480 samples; nothing for Mimi).
 
       wav [T] -> 16 kHz -> log-mel [128, n = 1 + T/160]           Chat.add_audio
       log-mel -> conformer [n/8, 512] -> adapter [n/8, 2048]     embed_prompt (text ids -> embed_tokens)
       prompt [1, L, 2048] -> LFM2 -> h [2048] per item            prefill, then decode_one
       h -> text logits -> id | depthformer x 8 -> codes [8]       text_step | audio_step
-      codes [1, 8, 1] -> decoder, streaming -> wave [1920]        vocoder.decode_step (Mimi, Detokenizer)"""
-    stream = vocoder.new_stream(1) if vocoder is not None else None
+      codes [1, 8, t] -> decoder, streaming -> wave [1920 t]      vocoder.decode_step (Mimi, Detokenizer)"""
+    if decode_frames < 1:
+        raise ValueError(f"decode_frames must be >= 1, got {decode_frames}")
+    stream = vocoder.new_stream(1, decode_frames) if vocoder is not None else None
+    pending, first = [], True  # frames waiting for the decoder; whether none was decoded yet
+
+    def decoded():  # the pending frames' sound
+        return "wave", None, vocoder.decode_step(torch.stack(pending, -1)[None], stream)[0, 0]
+
     for kind, value in model.generate(chat, mode, **generate_kw):
+        yield kind, value, None
         sound = stream is not None and kind == "audio" and not is_end_of_audio(value)
-        yield kind, value, vocoder.decode_step(value.view(1, -1, 1), stream)[0, 0] if sound else None
+        if sound:
+            pending.append(value)
+        if pending and (not sound or first or len(pending) == decode_frames):
+            yield decoded()
+            pending, first = [], False
     if stream is not None:
-        yield "tail", None, vocoder.flush(stream)[0, 0]
+        if pending:
+            yield decoded()
+        if (tail := vocoder.flush(stream)[0, 0]).numel():
+            yield "wave", None, tail
 
 
 def checkpoint_folder(repo_id_or_path: str | Path) -> Path:

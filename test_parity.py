@@ -1315,6 +1315,38 @@ def test_chat_four_turns_reuse_caches(chat_pair, monkeypatch):
     assert ends == {"limit", "im_end"}, f"turn endings covered: {ends}"
 
 
+def test_respond_decodes_in_pieces(chat_pair, tiny_ckpt):
+    """respond(): the items of generate() as they come; the answer's first sound frame decoded at once, then at
+    most decode_frames at a time, pending frames at the next item that is not sound; the waves together are
+    the whole Mimi decode of the sound frames (within 1e-5 of its peak), whatever decode_frames."""
+    ours = chat_pair[0]
+    mimi = Mimi.from_file(tiny_ckpt / MIMI_FILE)
+    chat = build_prompt(lfm2audio.Chat(ours.tokenizer), "chat", conformer.load_audio)
+    items = _lfm2audio_items(ours.generate(chat, "interleaved", CHAT_N))
+    frames = [v for k, v in items if k == "audio" and END_OF_AUDIO not in v]
+    assert len(frames) > 8 and items[-1][0] == "audio", "the test needs sound, and frames pending at the end"
+    whole = mimi.decode(torch.tensor(frames).T[None])[0, 0]
+    for n in (1, 3):
+        got, waves, pending, sizes, sound = [], [], 0, [], False  # sound: the last item was a sound frame
+        for kind, value, wave in lfm2audio.respond(ours, chat, mimi, "interleaved", n, max_new_tokens=CHAT_N):
+            if kind == "wave":
+                assert wave.shape == (FRAME_SIZE * pending,), f"a wave of {wave.shape} for {pending} frames"
+                waves.append(wave)
+                sizes.append(pending)
+                pending = 0
+                continue
+            assert pending < n and (sound or pending == 0), f"{pending} frames left pending at a {kind} item"
+            got.append((kind, value if kind == "text" else value.tolist()))
+            sound = kind == "audio" and END_OF_AUDIO not in value
+            pending += sound
+        assert got == items and pending == 0, f"decode_frames {n}: items differ, or sound left undecoded"
+        assert sizes[0] == 1 and max(sizes) == n and sum(sizes) == len(frames), sizes
+        err = (torch.cat(waves) - whole).abs().max().item()
+        assert err <= 1e-5 * whole.abs().max().item(), f"decode_frames {n}: waves vs whole decode {err:.2e}"
+    with pytest.raises(ValueError, match="decode_frames"):
+        next(lfm2audio.respond(ours, chat, mimi, decode_frames=0))
+
+
 def test_chat_stale_caches_prefill_whole(chat_pair, tiny_ckpt, monkeypatch):
     """Anything that makes the cached positions stale is noticed and the whole chat prefilled, with the official
     items: another model's caches, an edited text id, edited audio, another chat run in between, a direct
