@@ -16,8 +16,10 @@ Errors are one line on stderr (`error: ...`) and a non-zero exit.
 
 import argparse
 import json
+import logging
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -402,7 +404,11 @@ def load(args) -> tuple[LFM2Audio, Mimi | Detokenizer | None, float]:
 def warm_up(model: LFM2Audio, sampling: dict):
     """Compile now, so that load time holds it and the answers' timings are the steady state: one backbone step
     and one step of each head with the answers' sampling settings (constants of the compiled graphs). It writes
-    position 0 of the caches, which the first answer's prefill rewrites."""
+    position 0 of the caches, which the first answer's prefill rewrites. Inductor's notes on the operators it
+    leaves to eager kernels (the depthformer's complex RoPE, sampling) are silenced: they are not the user's
+    concern."""
+    torch._logging.set_logs(inductor=logging.ERROR)
+    warnings.filterwarnings("ignore", "Torchinductor does not support code generation for complex")
     with torch.no_grad():
         h = model.embed_tokens_weight.new_zeros(1, model.cfg.dim)
         _, x = model.text_step(h, sampling["text_temperature"], sampling["text_top_k"])
