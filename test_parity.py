@@ -1113,7 +1113,8 @@ def test_bf16_conv_layer_equals_official(tiny_ckpt, official_tiny):
 
 def test_exact_top():
     """bf16 logits come back fp32 with their EXACT_TOP largest equal to the fp32 products of those rows (so
-    greedy picks float32's winner where bf16 rounding tied or swapped it); fp32 logits are left untouched."""
+    greedy picks float32's winner where bf16 rounding tied or swapped it); a float32 model's logits are left
+    untouched."""
     g = torch.Generator().manual_seed(0)
     w, x = torch.randn(3000, 256, generator=g).bfloat16(), torch.randn(2, 256, generator=g).bfloat16()
     exact = x.float() @ w.float().T  # [2, 3000]
@@ -1123,8 +1124,6 @@ def test_exact_top():
     assert torch.allclose(got.gather(-1, top), exact.gather(-1, top), rtol=1e-6, atol=1e-5)
     assert torch.equal(got.argmax(-1), exact.argmax(-1))
     assert not torch.equal(F.linear(x, w).float().gather(-1, top), exact.gather(-1, top))  # bf16 did round
-    fp32 = F.linear(x.float(), w.float())
-    assert lfm2audio.exact_top(fp32, w.float(), x.float()) is fp32
 
 
 def test_bf16_depthformer_keeps_fp32_residual(tiny_ckpt, lfm2audio_pair):
@@ -1892,6 +1891,28 @@ def test_int8_load_equals_quantizing_loaded_model(tiny_ckpt):
     plain = LFM2Audio.from_pretrained(tiny_ckpt, dtype=torch.bfloat16, max_seq_len=64)
     assert torch.equal(streamed.depth_embeddings[3].embedding.weight, plain.depth_embeddings[3].embedding.weight)
     assert torch.equal(streamed.embed_tokens_weight, plain.embed_tokens_weight)
+
+
+def test_int8_heads_best_logits_exact(tiny_ckpt, lfm2audio_pair):
+    """int8 heads (text and codebooks, copies of tied tables) give fp32 logits whose EXACT_TOP largest are the
+    fp32 products with the float table, and whose argmax is that of the exact logits; a float32 model's logits
+    are its plain products (the official computation)."""
+    q = LFM2Audio.from_pretrained(tiny_ckpt, dtype=torch.bfloat16, max_seq_len=64, quantize="int8")
+    g = torch.Generator().manual_seed(0)
+    h, y = torch.randn(4, q.cfg.dim, generator=g), torch.randn(4, q.cfg.depth_dim, generator=g)
+    head = q.depth_embeddings[2]
+    normed = head.embedding_norm(y)
+    for logits, w, x in [(q.text_logits(h.bfloat16()), q.embed_tokens_weight, h.bfloat16()),
+                         (head.logits(y), head.embedding.weight, normed)]:
+        exact = x.float() @ w.float().T
+        top = logits.topk(lfm2audio.EXACT_TOP, -1).indices
+        assert logits.dtype == torch.float32
+        assert torch.allclose(logits.gather(-1, top), exact.gather(-1, top), rtol=1e-5, atol=1e-5)
+        assert torch.equal(logits.argmax(-1), exact.argmax(-1))
+    fp32 = lfm2audio_pair[0]
+    assert torch.equal(fp32.text_logits(h), F.linear(h, fp32.embed_tokens_weight))
+    head = fp32.depth_embeddings[2]
+    assert torch.equal(head.logits(y), head.to_logits(head.embedding_norm(y)))
 
 
 def test_int8_teacher_forced_tiny(tiny_ckpt):
