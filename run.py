@@ -107,8 +107,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="int8 weight-only quantization of the decoder's linear layers (about 1.5 GB of weights; "
                         "on a 2-core CPU the fastest setting)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode path at load (CUDA graphs on cuda); 30-100 s more to load: worth "
-                        "it for long answers (on a CPU ~1.25x faster int8 frames)")
+                   help="torch.compile the decode path at load (CUDA graphs on cuda); ~2 minutes more to load the "
+                        "first time, ~20 s later: worth it for long answers (on a CPU ~1.35x faster int8 frames)")
     args = p.parse_args(argv)
     if args.max_new_tokens < 1 or args.context < 2:
         p.error("--max-new-tokens must be >= 1 and --context >= 2")

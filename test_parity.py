@@ -2572,6 +2572,7 @@ def test_run_error_bad_options(tmp_path):
     _run_error(["--text", "hi", "--device", "tpu9"], tmp_path, "--device tpu9")
     _run_error(["--text", "hi", "--dtype", "float16"], tmp_path, "invalid choice: 'float16'")  # no fp16 reference
     _run_error(["--text", "hi", "--context", 0], tmp_path, "--context >= 2")
+    _run_error(["--text", "hi", "--decode-frames", 0], tmp_path, "--decode-frames must be >= 1")
 
 
 def _run_partial_checkpoint(src: Path, dst: Path, skip: str) -> Path:
