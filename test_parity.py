@@ -1982,11 +1982,11 @@ def test_run_int8_bad_input(tiny_ckpt, tmp_path):
 
 # ---- full size ----
 
-# measured with bench.py accuracy (48 steps per task): bf16 0.992 (the official package's bf16 against its own
-# float32: 0.988), int8 0.970. The floors guard against regressions; the targets (bf16 0.995, int8 0.99) are
-# not reached: int8's flips come from the int8 weights themselves (int8 in a float32 model agrees no better)
+# measured with bench.py accuracy --steps 144 (2034 decisions): bf16 0.9926 (the official package's bf16 against
+# its own float32: 0.9877), int8 0.9705. The floors guard against regressions. The issue's targets (bf16 0.995,
+# int8 0.99) are not reached and not asserted (README): int8's flips come from the int8 weights themselves (int8
+# in a float32 model agrees no better)
 AGREEMENT_FLOOR = {"bfloat16": 0.975, "int8": 0.95}
-AGREEMENT_TARGET = {"bfloat16": 0.995, "int8": 0.99}  # not reached (README); not asserted
 
 
 @pytest.mark.full_size
