@@ -823,7 +823,6 @@ class LFM2Audio(nn.Module):
                     i, chat = job
                     keys = chat.positions()
                     start = self.cached_prefix(keys, r)
-                    h = h.clone()  # h may be a compiled graph's output, reused by its next replay
                     h[r] = self.prefill(self.embed_prompt(chat, start), start, r)
                     self.lfm.cached[r] = keys
                     pos[r] = len(chat)
@@ -860,7 +859,9 @@ class LFM2Audio(nn.Module):
                 # half-way through the step
                 for r in range(n_rows):
                     self.lfm.cached[r] = []
-                h = self.decode_one(x, pos)
+                # a copy: with CUDA graphs the output belongs to the graph, and the next step (a new graph
+                # generation, see cudagraph_mark_step_begin above) may overwrite it before its heads read it
+                h = self.decode_one(x, pos).clone()
                 pos += torch.tensor(running, device=w.device)[:, None]
                 for r in range(n_rows):
                     if running[r]:
