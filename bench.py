@@ -18,6 +18,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -129,11 +130,21 @@ def bench_tokenizer(args) -> dict:
 FRAME_S = 0.08  # seconds of audio per frame (1920 samples at 24 kHz)
 
 
+def _sync():
+    """Wait for the GPU's queued work, so that a host clock read next times it (a no-op without CUDA)."""
+    import torch
+
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def _median_time(fn, repeat: int) -> float:
     times = []
     for _ in range(repeat):
+        _sync()
         t = time.perf_counter()
         fn()
+        _sync()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 
@@ -150,8 +161,6 @@ def _matvec_bandwidth(device, repeat: int = 5) -> float:
     def sweep():
         for m in mats:
             torch.nn.functional.linear(x, m)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
     sweep()
     seconds = _median_time(sweep, repeat)
     return sum(m.numel() * m.element_size() for m in mats) / seconds
@@ -281,6 +290,7 @@ def _timed_generation(impl, chat, mode, steps) -> dict:
         t = time.perf_counter()
         if len(key) > 1 and not is_end_of_audio(value):  # not sound: not decoded
             decode(value)
+            _sync()  # the waveform is ready (a player would copy it to the host now)
             if first_audio is None:
                 first_audio = time.perf_counter() - t0
         mimi.append(time.perf_counter() - t)
@@ -318,8 +328,10 @@ def _bench_impl(make, args) -> dict:
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        held = torch.cuda.memory_allocated()  # what earlier runs left (compiled graphs keep their models)
     t = time.perf_counter()
     impl = make()
+    _sync()
     res = {"load_s": time.perf_counter() - t}
     with torch.no_grad():
         chat = impl.prompt("chat")
@@ -337,7 +349,7 @@ def _bench_impl(make, args) -> dict:
     res["tts"] = _steady(tts_run, audio_only=True)
     res["items"] = {"chat": chat_run["items"], "tts": tts_run["items"]}
     res["peak_rss_gb"] = _rss_peak_gb()
-    res["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    res["peak_gpu_gb"] = (torch.cuda.max_memory_allocated() - held) / 2**30 if cuda else None
     if isinstance(impl, _Ours):
         res["weight_bytes"] = _weight_bytes(impl.model)
     res["name"] = impl.name
@@ -373,14 +385,24 @@ def bench_decode(args) -> dict:
     with open("/tmp/lfm2audio-bigmem.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # full-size models: one big-memory job on the machine at a time
         bandwidth = [_matvec_bandwidth(device)]
-        results = {}
+        results, failed = {}, 0
         for _ in range(args.rounds):
             for make in makers:
-                r = _bench_impl(make, args)
+                try:
+                    r = _bench_impl(make, args)
+                except Exception:  # reported; the other implementations still run (a first run on a GPU)
+                    traceback.print_exc()
+                    failed += 1
+                    continue
+                # each run's figures at once: a run cut short by a time limit keeps those already done
+                print(json.dumps({"run": r["name"], **{k: v for k, v in r.items() if k not in ("name", "items")}}),
+                      flush=True)
                 results.setdefault(r.pop("name"), []).append(r)
         bandwidth.append(_matvec_bandwidth(device))
     bw = statistics.median(bandwidth)
     runs = results
+    if not any(n.startswith("ours") for n in runs):
+        sys.exit(f"error: none of our runs finished ({failed} failed, tracebacks above)")
     ref_items = runs[next(iter(runs))][0]["items"]
     # greedy items are equal only at equal precision: the float32 runs must agree exactly; the others are
     # reported by how many leading items they share with the first run (bench.py accuracy measures them)
@@ -426,6 +448,13 @@ def bench_decode(args) -> dict:
                                        for n in names))
     n_items = {n: {k: (runs[n][0][k]["n_audio"], runs[n][0][k]["n_text"]) for k in ("tts", "chat")} for n in names}
     print(f"items per run (audio, text) after the first: {n_items[names[0]]}")
+    # the compiled path should give eager's greedy items at the same precision: measured, not assumed
+    as_eager = {n: all(r["items"] == runs[e][0]["items"] for r in runs[n])
+                for n in names if n.startswith("ours-compiled") and (e := n.replace("-compiled", "", 1)) in runs}
+    total = sum(len(ref_items[k]) for k in ("tts", "chat"))
+    print(f"greedy items: leading items equal to {names[0]}'s (of {total}): " + ", ".join(
+        f"{n} {prefix(runs[n][0]['items'])}" for n in names[1:]) + "; compiled same as eager: " + ", ".join(
+        f"{n} {v}" for n, v in as_eager.items()))
 
     def ratio(a, b):  # b/a for times: > 1 means `ours` is faster
         return None if a is None or b is None else round(b / a, 3)
@@ -434,7 +463,8 @@ def bench_decode(args) -> dict:
               "bandwidth_gb_s": round(bw / 1e9, 2), "floor_audio_step_s": round(floor["audio_step_s"], 4),
               "floor_text_step_s": round(floor["text_step_s"], 4),
               **{f"{n}_{m}": None if v is None else round(v, 4) for n in names for m, v in table[n].items()},
-              **{f"{n}_prefix_items": prefix(runs[n][0]["items"]) for n in names if n not in exact}}
+              **{f"{n}_prefix_items": prefix(runs[n][0]["items"]) for n in names if n not in exact},
+              **{f"{n}_same_as_eager": v for n, v in as_eager.items()}, "failed_runs": failed}
     for base in ("official", "official-bf16"):  # speed-ups over the official package, per official dtype
         if base not in runs:
             continue
@@ -451,6 +481,8 @@ def bench_decode(args) -> dict:
         if table[n]["chat_text_lm_s"] is not None:
             result[f"{n}_text_step_vs_floor"] = round(table[n]["chat_text_lm_s"] * bw / w["text_step"], 3)
     print(json.dumps(result))
+    if failed:
+        sys.exit(f"error: {failed} run(s) failed (tracebacks above)")
     return result
 
 
@@ -828,7 +860,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=48, help="greedy backbone steps per task")
     p.set_defaults(fn=bench_accuracy)
     args = parser.parse_args(argv)
-    args.fn(args)
+    return args.fn(args)
 
 
 if __name__ == "__main__":

@@ -1809,6 +1809,30 @@ def test_perf_compiled_seeded_sampling_equals_official(perf_models):
     assert _lfm2audio_items(compiled.generate(chat, "interleaved", 60, **PERF_SAMPLING)) != ref, "seed had no effect"
 
 
+def test_bench_decode_reports_each_run_and_survives_a_failure(tiny_ckpt, official_tiny, monkeypatch, capsys):
+    """bench.py decode, which `.ci/gpu run` runs on a GPU, on the tiny checkpoint in fp32: each implementation's
+    figures are printed as a JSON line when it finishes, ours gives the official package's items; an
+    implementation that raises is reported, the others still run, and the exit status says so."""
+    args = ["decode", "--model", str(tiny_ckpt), "--steps", "40", "--context", "512"]
+    res = bench.main(args)
+    runs = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith('{"run"')]
+    assert [r["run"] for r in runs] == ["official", "ours"]
+    assert res["same_items"] and res["failed_runs"] == 0
+    assert all(r["ttfa_s"] > 0 and r["chat"]["n_audio"] > 0 for r in runs), "no audio in the chat run"
+    real_init = bench._Ours.__init__
+
+    def init(self, *a, quantize=None, **kw):
+        if quantize:
+            raise RuntimeError("planted failure")
+        real_init(self, *a, quantize=quantize, **kw)
+    monkeypatch.setattr(bench._Ours, "__init__", init)
+    with pytest.raises(SystemExit, match="1 run"):
+        bench.main(args + ["--no-official", "--quantize", "int8"])
+    out = capsys.readouterr()
+    assert "planted failure" in out.err and [json.loads(line)["run"] for line in out.out.splitlines()
+                                            if line.startswith('{"run"')] == ["ours"]
+
+
 # ====================================================================================================
 # int8 weights and bf16
 #
