@@ -2031,17 +2031,22 @@ def test_accuracy_full_size(full_ckpt):
 @pytest.mark.full_size
 def test_run_int8_peak_rss_full_size(full_ckpt, tmp_path):
     """The whole run.py process (int8 model in bf16, Mimi, a short TTS answer) stays under 3 GB of RSS: the bf16
-    file is quantized tensor by tensor, never held whole. bf16 is named: `--dtype auto` picks fp32 on a CPU without
-    native bf16, whose embeddings and encoder then take twice the memory (3.1 GB on an AVX2-only CPU)."""
+    file is quantized tensor by tensor, never held whole. Counted above the interpreter with torch imported
+    (`run.py --help`: 0.23 GB with torch's CPU build, 0.60 GB with a CUDA build on a machine without a GPU), so
+    that the bound is on our code: 2.77 GB = 3 GB less the CPU build's 0.23 (measured 2.25 and 2.10 GB). bf16 is
+    named: `--dtype auto` picks fp32 on a CPU without native bf16 (3.1 GB in all on an AVX2-only CPU)."""
     probe = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); "
              "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
-    r = subprocess.run([sys.executable, "-c", probe, sys.executable, str(RUN_PY), "--model", str(full_ckpt),
-                        "--mode", "tts", "--text", "Hello there", "--quantize", "int8", "--dtype", "bfloat16",
-                        "--max-new-tokens", "12", "--out", str(tmp_path / "a.wav")],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr
-    peak_gb = int(r.stdout.split()[-1]) / 2**20
-    assert peak_gb < 3.0, peak_gb
+
+    def peak_gb(*args):
+        r = subprocess.run([sys.executable, "-c", probe, sys.executable, str(RUN_PY), *args], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stderr
+        return int(r.stdout.split()[-1]) / 2**20
+    base = peak_gb("--help")
+    run = peak_gb("--model", str(full_ckpt), "--mode", "tts", "--text", "Hello there", "--quantize", "int8",
+                  "--dtype", "bfloat16", "--max-new-tokens", "12", "--out", str(tmp_path / "a.wav"))
+    assert run - base < 2.77, (run, base)
 
 
 # ====================================================================================================
