@@ -747,6 +747,10 @@ class LFM2Audio(nn.Module):
         # process-wide: inductor otherwise draws random numbers with its own generator, so seeded sampling
         # would differ from eager (and from the official package)
         torch._inductor.config.fallback_random = True
+        # fused kernels round their intermediates to the model dtype where eager does: in bf16 the compiled path
+        # then keeps eager's greedy items far longer (tiny checkpoint, 2 x 96 steps: 177 leading items equal
+        # against 59); what still differs is the order of a few reductions (softmax), not arithmetic
+        torch._inductor.config.emulate_precision_casts = True
         cuda = self.embed_tokens_weight.is_cuda
         # on a CPU, a C++ wrapper calls the ~600 kernels of an audio frame with less overhead than Python: the
         # 8 depthformer passes of an int8 frame 37 -> 27 ms. Built apart from the kernels, it compiles ~3x faster.
