@@ -762,6 +762,12 @@ class LFM2Audio(nn.Module):
         self.compiled = mode
         return self
 
+    def begin_step(self):
+        """Call before each decode step's heads and backbone step. With CUDA graphs, one step is one graph
+        generation: its outputs stay readable within the step, and the next step's replays may overwrite them."""
+        if self.compiled == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
+
     # -- generation --
 
     @torch.no_grad()
@@ -835,8 +841,7 @@ class LFM2Audio(nn.Module):
             live = [r for r in range(n_rows) if rows[r] is not None]
             if not live:
                 return
-            if self.compiled == "reduce-overhead":  # a new step: a graph replay may overwrite earlier outputs
-                torch.compiler.cudagraph_mark_step_begin()
+            self.begin_step()
             text = [rows[r] is None or rows[r].turn.text for r in range(n_rows)]  # rows that are over: either
             if any(text[r] for r in live):
                 tokens, x = self.text_step(h, text_temperature, text_top_k)
@@ -864,7 +869,7 @@ class LFM2Audio(nn.Module):
                 for r in range(n_rows):
                     self.lfm.cached[r] = []
                 # a copy: with CUDA graphs the output belongs to the graph, and the next step (a new graph
-                # generation, see cudagraph_mark_step_begin above) may overwrite it before its heads read it
+                # generation, see begin_step) may overwrite it before its heads read it
                 h = self.decode_one(x, pos).clone()
                 pos += torch.tensor(running, device=w.device)[:, None]
                 for r in range(n_rows):

@@ -410,8 +410,7 @@ def warm_up(model: LFM2Audio, sampling: dict):
     torch._logging.set_logs(inductor=logging.ERROR)
     warnings.filterwarnings("ignore", "Torchinductor does not support code generation for complex")
     with torch.no_grad():
-        if model.compiled == "reduce-overhead":  # one step, as generate runs one: x stays readable for decode_one
-            torch.compiler.cudagraph_mark_step_begin()
+        model.begin_step()  # one step, as generate runs it: x stays readable for decode_one
         h = model.embed_tokens_weight.new_zeros(1, model.cfg.dim)
         _, x = model.text_step(h, sampling["text_temperature"], sampling["text_top_k"])
         model.audio_step(h, sampling["audio_temperature"], sampling["audio_top_k"])
