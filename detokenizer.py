@@ -192,8 +192,10 @@ class Detokenizer(nn.Module):
         except SafetensorError as e:
             raise ValueError(f"{weights}: unreadable safetensors file ({e})") from None
         check_state_dict(model.state_dict(), state, weights)
-        model.load_state_dict(state, strict=True, assign=True)
-        for part in (model.emb, model.lfm, model.lin):  # the window stays as stored (float32)
+        # every stored tensor in float32 first, as the official loader copies them into its float32 module: a
+        # bf16 file's window squared in bf16 would round the inverse STFT's divisor
+        model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
+        for part in (model.emb, model.lfm, model.lin):  # the window stays float32
             part.to(dtype=dtype)
         model.istft.make_basis()
         head_dim = cfg.dim // cfg.n_heads
