@@ -174,9 +174,7 @@ def _weight_bytes(model) -> dict:
     backbone = size(model.lfm.layers) + size(model.lfm.embedding_norm)
     frame = size(model.depth_linear) + model.cfg.codebooks * size(model.depthformer) + sum(
         size(e.to_logits) + size(e.embedding_norm) for e in model.depth_embeddings)
-    head = getattr(model, "text_head", None)  # an int8 copy of the tied text logits
-    text = size(head) if head is not None else model.embed_tokens_weight.numel() * model.embed_tokens_weight.element_size()
-    return {"audio_step": backbone + frame, "text_step": backbone + text}
+    return {"audio_step": backbone + frame, "text_step": backbone + size(model.text_head)}
 
 
 def _rss_reset():
@@ -205,29 +203,20 @@ class _Ours:
     name = "ours"
 
     def __init__(self, folder, device, dtype, context, compile=False, quantize=None):
-        from lfm2audio import MIMI_FILE, LFM2Audio
+        from compiled import compile_decode
+        from hub import MIMI_FILE
+        from lfm2audio import LFM2Audio
         from mimi import Mimi
 
         self.model = LFM2Audio.from_pretrained(folder, device=device, dtype=dtype, max_seq_len=context,
-                                               compile=compile, quantize=quantize)
+                                               quantize=quantize)
+        if compile:
+            compile_decode(self.model)
         self.mimi = Mimi.from_file(Path(folder) / MIMI_FILE, device=device)
         self.name = _run_name("ours-compiled" if compile else "ours", dtype, quantize)
 
     def prompt(self, task):
-        import conformer
-        from fixtures import ASSETS, PROMPTS
-        from lfm2audio import Chat
-
-        system, audio, text, _ = PROMPTS[task]
-        chat = Chat(self.model.tokenizer)
-        chat.new_turn("system"); chat.add_text(system); chat.end_turn()
-        chat.new_turn("user")
-        if audio is not None:
-            chat.add_audio(*conformer.load_audio(ASSETS / audio))
-        if text is not None:
-            chat.add_text(text)
-        chat.end_turn(); chat.new_turn("assistant")
-        return chat
+        return _prompt(self.model, task)
 
     def prefill(self, chat):
         return self.model.prefill(self.model.embed_prompt(chat))
@@ -491,10 +480,10 @@ def _long_recording(seconds: float):
     import numpy as np
     import torch
 
-    import conformer
+    import audio
     from fixtures import ASSETS
 
-    waves = [conformer.resample(*conformer.load_audio(ASSETS / n), 16000) for n in ("asr.wav", "question.wav")]
+    waves = [audio.resample(*audio.load_audio(ASSETS / n), 16000) for n in ("asr.wav", "question.wav")]
     rng, pieces, n = np.random.default_rng(0), [], 0
     while n < seconds * 16000:
         pieces += [waves[len(pieces) // 2 % 2], torch.zeros(int(rng.uniform(0.3, 1.5) * 16000))]
@@ -508,14 +497,15 @@ def bench_asr(args) -> dict:
     (mel), encoder, prefill and decode all timed, one model in memory at a time; all must give the same items."""
     import torch
 
-    import conformer
-    import run
+    import tasks
+    import transcribe
+    from batch import generate_batch
     from fixtures import FULL_CONFIG, PROMPTS, cached_checkpoint, load_official, official_generate
     from lfm2audio import IM_END, Chat, LFM2Audio
 
     folder = Path(args.model) if args.model else cached_checkpoint(FULL_CONFIG, 0)
     wave = _long_recording(31 * args.chunks)
-    spans = conformer.split_at_pauses(wave, 16000, 30.0)[:args.chunks]
+    spans = transcribe.split_at_pauses(wave, 16000, 30.0)[:args.chunks]
     audio_s = sum(b - a for a, b in spans) / 16000
     batches = [int(b) for b in args.batches.split(",")]
     results, items = {}, {}
@@ -528,9 +518,9 @@ def bench_asr(args) -> dict:
             for a, b in spans:
                 chat = Chat(model.tokenizer)
                 chat.new_turn("system"); chat.add_text(PROMPTS["asr"][0]); chat.end_turn()
-                run.add_user_turn(chat, (wave[a:b], 16000), None)
+                tasks.add_user_turn(chat, wave[a:b])
                 chats.append(chat)
-            got = dict(model.generate_batch(chats, "sequential", args.max_new_tokens, batch))
+            got = dict(generate_batch(model, chats, "sequential", args.max_new_tokens, batch))
             results[f"ours_b{batch}"] = time.perf_counter() - t
             items[f"ours_b{batch}"] = [[(k, v if k == "text" else v.tolist()) for k, v in got[i]]
                                        for i in range(len(spans))]
@@ -577,7 +567,7 @@ def bench_vocoder(args) -> dict:
 
     import fixtures
     from detokenizer import Detokenizer
-    from lfm2audio import DETOKENIZER_DIR, MIMI_FILE
+    from hub import DETOKENIZER_DIR, MIMI_FILE
     from mimi import Mimi
 
     folder = Path(args.model) if args.model else fixtures.cached_lfm25_checkpoint(fixtures.TINY_CONFIG, 0)
@@ -698,8 +688,8 @@ def teacher_forced_official(model, chat, items) -> dict:
         x, cache = model._prefill(**chat), None  # [1, L, D]
         logits, hidden = [], []
         for kind, value in items:
-            out = model.lfm(inputs_embeds=x, past_key_values=cache, use_cache=True)
-            cache, h = out.past_key_values, out.last_hidden_state[0, -1]  # h [D]
+            out = model.lfm(inputs_embeds=x, cache=cache, use_cache=True)
+            cache, h = out.cache, out.last_hidden_state[0, -1]  # h [D]
             hidden.append(h.float().cpu())
             if kind == "text":
                 logits.append(F.linear(h, model.lfm.embed_tokens.weight).float().cpu())
@@ -776,11 +766,11 @@ def replay_official(dtype):
 
 
 def _prompt(model, task):
-    import conformer
+    import audio
     from fixtures import build_prompt
     from lfm2audio import Chat
 
-    return build_prompt(Chat(model.tokenizer), task, lambda path: conformer.load_audio(path))
+    return build_prompt(Chat(model.tokenizer), task, audio.load_audio)
 
 
 def _replay(model, items) -> dict:

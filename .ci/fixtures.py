@@ -40,7 +40,7 @@ def official():
 
 # ---- an LFM2-shaped text tokenizer -------------------------------------------------------------------
 
-# LFM2's pre-tokenizer split (SPEC.md)
+# LFM2's pre-tokenizer split, as its tokenizer.json writes it
 LFM2_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -634,9 +634,10 @@ def _detokenizer_init(name: str, shape, seed: int):
     return _randn(shape, seed, name, gain / math.sqrt(_fan_in(shape)))
 
 
-def write_detokenizer(folder: Path, seed: int = 0) -> Path:
-    """Write `audio_detokenizer/` (config.json, fp32 model.safetensors with the official module's keys) with
-    random weights; the magnitude bias is shifted so random codes decode at RMS ~DETOKENIZER_RMS."""
+def write_detokenizer(folder: Path, seed: int = 0, dtype: str = "float32") -> Path:
+    """Write `audio_detokenizer/` (config.json, model.safetensors with the official module's keys, its tensors
+    stored in `dtype`: float32 or bfloat16, the real file's dtype being unknown) with random weights; the
+    magnitude bias is shifted so random codes decode at RMS ~DETOKENIZER_RMS."""
     import torch
     from safetensors.torch import save_file
 
@@ -657,16 +658,19 @@ def write_detokenizer(folder: Path, seed: int = 0) -> Path:
     with torch.no_grad():
         rms = float(skeleton(codes).pow(2).mean().sqrt())
     sd["lin.bias"][: sd["lin.bias"].shape[0] // 2] += math.log(DETOKENIZER_RMS / rms)  # |X| x c: wave x c
+    sd = {k: v.to(getattr(torch, dtype)) for k, v in sd.items()}
     save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
     return folder
 
 
-def cached_lfm25_checkpoint(config: dict, seed: int = 0) -> Path:
-    """`cached_checkpoint(config, seed)` plus `audio_detokenizer/`: an LFM2.5-Audio-shaped folder, cached (files
-    of the LFM2 folder hard-linked, not copied)."""
+def cached_lfm25_checkpoint(config: dict, seed: int = 0, detokenizer_dtype: str = "float32") -> Path:
+    """`cached_checkpoint(config, seed)` plus `audio_detokenizer/` (stored in `detokenizer_dtype`): an
+    LFM2.5-Audio-shaped folder, cached (files of the LFM2 folder hard-linked, not copied)."""
     base = cached_checkpoint(config, seed)
     h = hashlib.sha256(base.name.encode())
     h.update(json.dumps(DETOKENIZER_CONFIG, sort_keys=True).encode() + repr((DETOKENIZER_RMS, seed)).encode())
+    if detokenizer_dtype != "float32":  # the float32 folder keeps its name (and its cache)
+        h.update(detokenizer_dtype.encode())
     for f in (_detokenizer_init, write_detokenizer):
         h.update(inspect.getsource(f).encode())
     final = CACHE_ROOT / f"lfm25-{h.hexdigest()[:16]}"
@@ -678,9 +682,35 @@ def cached_lfm25_checkpoint(config: dict, seed: int = 0) -> Path:
             tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=CACHE_ROOT))
             try:
                 shutil.copytree(base, tmp, dirs_exist_ok=True, copy_function=os.link)
-                write_detokenizer(tmp / DETOKENIZER_DIR, seed)
+                write_detokenizer(tmp / DETOKENIZER_DIR, seed, detokenizer_dtype)
                 os.chmod(tmp, 0o755)
                 os.rename(tmp, final)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def main(argv=None):
+    """`python .ci/fixtures.py [tiny|full|lfm25] [--link DIR]`: build (once, cached) the random-weight checkpoint
+    the tests use and print its folder, so that `--model` can be given one without the real weights."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("size", nargs="?", default="tiny", choices=["tiny", "full", "lfm25"],
+                   help="tiny (a few MB, seconds), full (the real shapes, 3.3 GB), lfm25 (tiny + an LFM2.5 "
+                        "detokenizer)")
+    p.add_argument("--link", help="also make DIR a symlink to the folder")
+    args = p.parse_args(argv)
+    official()  # the skeleton's key layout comes from the official package (python .ci/reference.py)
+    folder = {"tiny": lambda: cached_checkpoint(TINY_CONFIG), "full": lambda: cached_checkpoint(FULL_CONFIG),
+              "lfm25": lambda: cached_lfm25_checkpoint(TINY_CONFIG)}[args.size]()
+    if args.link:
+        link = Path(args.link)
+        if link.is_symlink():
+            link.unlink()
+        link.symlink_to(folder, target_is_directory=True)
+    print(args.link or folder)
+
+
+if __name__ == "__main__":
+    main()
