@@ -1,0 +1,414 @@
+"""An OpenAI-compatible speech server: `python serve.py [--model ...] [--port 8000] [--batch 4]`, then
+http://127.0.0.1:8000/ for the live voice chat page, or any OpenAI client at http://127.0.0.1:8000/v1.
+
+    POST /v1/chat/completions      text and input_audio in; text, or text and speech out; streamed or not
+    POST /v1/audio/speech          TTS: wav, pcm or flac, streamed as it is decoded (or as server-sent events)
+    POST /v1/audio/transcriptions  ASR of a file of any length: json, text, srt, vtt, verbose_json, or streamed
+    GET  /v1/models, /health, /    the model, the server's state, the page (web/)
+
+One model and one decoding thread (engine.py): every running request holds a cache row and one decode step serves
+them all; requests beyond the rows wait their turn. Standard library only (http.server); api.py reads and writes
+the OpenAI shapes. Bad input gets a 4xx with OpenAI's error body, and the server goes on.
+"""
+
+import argparse
+import base64
+import hmac
+import json
+import select
+import socket
+import sys
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import torch
+
+import api
+import run
+import tasks
+import transcribe
+from api import APIError, bad, field
+from batch import Sequence
+from engine import Engine
+from lfm2audio import IM_END
+
+WEB = Path(__file__).resolve().parent / "web"
+TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript", ".css": "text/css", ".png": "image/png",
+         ".svg": "image/svg+xml"}
+# all that is served from disk: the page's files, listed once at start (no path a client names reaches the disk)
+PAGES = {("/" if p.name == "index.html" else f"/{p.name}"): p for p in sorted(WEB.glob("*")) if p.suffix in TYPES}
+ROUTES = {"/v1/chat/completions": ("POST", "chat"), "/v1/audio/speech": ("POST", "speech"),
+          "/v1/audio/transcriptions": ("POST", "transcriptions"), "/v1/models": ("GET", "models"),
+          "/health": ("GET", "health"), **{path: ("GET", "page") for path in PAGES}}
+DRAIN_LIMIT = 256 << 20  # an oversized body is read and dropped up to this size (so the client sees the 413)
+
+
+class ClientGone(Exception):
+    """The client closed the connection, or stopped taking the answer."""
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive; streamed answers use chunked transfer encoding
+    server: "Server"
+
+    def setup(self):
+        self.timeout = self.server.timeout  # a client that stalls (sending its request, or taking the answer)
+        super().setup()
+
+    def log_message(self, fmt, *args):  # one line per request on stderr, as http.server does, without the noise
+        if self.server.verbose:
+            super().log_message(fmt, *args)
+
+    def do_GET(self):
+        self._route("GET")
+
+    def do_POST(self):
+        self._route("POST")
+
+    def do_PUT(self):
+        self._route("PUT")
+
+    def do_DELETE(self):
+        self._route("DELETE")
+
+    def _route(self, method: str):
+        path, self.streaming = self.path.split("?")[0], False
+        try:
+            if path not in ROUTES:
+                raise APIError(404, f"no route {path} (see /v1/models, /v1/chat/completions, /v1/audio/speech, "
+                                    f"/v1/audio/transcriptions)", code="unknown_url")
+            allowed, name = ROUTES[path]
+            if allowed != method:
+                raise APIError(405, f"{path} takes {allowed}, not {method}", code="method_not_allowed")
+            if path.startswith("/v1/"):
+                self._check_key()
+            getattr(self, "_" + name)(self._body() if method == "POST" else b"")
+        except (ClientGone, ConnectionError, socket.timeout):
+            self.close_connection = True
+        except Exception as e:  # noqa: BLE001  (a bug must not take the server down: a 500, and on we go)
+            if not isinstance(e, APIError):
+                self.log_error("%s", repr(e))
+                e = APIError(500, f"internal error: {tasks.one_line(e)}", kind="server_error")
+            if self.streaming:  # the status line is sent: all that is left is to end the connection
+                self.close_connection = True
+            else:
+                self._json(e.body(), e.status)
+
+    def _check_key(self):
+        key = self.server.api_key
+        given = self.headers.get("Authorization", "")
+        if key and not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+            raise APIError(401, "a wrong or missing API key (Authorization: Bearer ...)", code="invalid_api_key")
+
+    def _body(self) -> bytes:
+        if "chunked" in self.headers.get("Transfer-Encoding", ""):
+            raise APIError(411, "send the body with a Content-Length, not chunked")
+        try:
+            n = int(self.headers.get("Content-Length", "0"))
+        except ValueError:
+            raise bad("Content-Length is not a number") from None
+        if n > self.server.max_body:
+            self.close_connection = True
+            if n <= DRAIN_LIMIT:
+                self.rfile.read(n)
+            raise APIError(413, f"the body is {n} bytes, more than the limit of {self.server.max_body} "
+                                f"(serve.py --max-body-mb)", code="request_too_large")
+        body = self.rfile.read(n)
+        if len(body) < n:
+            raise ClientGone()
+        return body
+
+    # -- writing --
+
+    def _json(self, obj, status: int = 200):
+        self._send(json.dumps(obj).encode(), "application/json", status)
+
+    def _send(self, data: bytes, content_type: str, status: int = 200):
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _start_stream(self, content_type: str):
+        self.streaming = True
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("Cache-Control", "no-cache")
+        self.end_headers()
+
+    def _chunk(self, data: bytes):
+        if data:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.flush()
+
+    def _event(self, obj):
+        self._chunk(b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj).encode()) + b"\n\n")
+
+    def _end_stream(self):
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+    def _gone(self) -> bool:
+        """Whether the client has closed its side (checked at every step of its answer)."""
+        readable, _, _ = select.select([self.connection], [], [], 0)
+        try:
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
+
+    def _items(self, seq: Sequence, items, vocoder=None):
+        """A submitted sequence's items, with their sound when given a vocoder (tasks.respond), as they come; a
+        client that goes away cancels it (its row is freed at the next step)."""
+        try:
+            for event in tasks.respond(items, vocoder, run.DECODE_FRAMES):
+                if self._gone():
+                    raise ClientGone()
+                yield event
+        finally:
+            if seq.finish is None:
+                seq.cancel()
+
+    def _submit(self, seq: Sequence):
+        try:
+            return self.server.engine.submit(seq)
+        except ValueError as e:
+            raise bad(tasks.one_line(e), code="context_length_exceeded") from None
+
+    # -- routes --
+
+    def _page(self, _body):
+        path = PAGES[self.path.split("?")[0]]
+        self._send(path.read_bytes(), TYPES[path.suffix])
+
+    def _health(self, _body):
+        s = self.server
+        self._json({"status": "ready", "model": s.model_name, "device": str(s.model.lfm.embed_tokens.weight.device),
+                    "dtype": str(s.model.lfm.embed_tokens.weight.dtype).removeprefix("torch."),
+                    "quantize": s.quantize, "vocoder": s.vocoder_name, "auth": bool(s.api_key),
+                    **s.engine.status()})
+
+    def _models(self, _body):
+        self._json({"object": "list", "data": [{"id": self.server.model_name, "object": "model", "created": 0,
+                                                "owned_by": "LiquidAI"}]})
+
+    def _chat(self, raw: bytes):
+        s, body = self.server, api.json_body(raw)
+        modalities = field(body, "modalities", list, ["text"])
+        if not modalities or not set(modalities) <= {"text", "audio"} or "text" not in modalities:
+            raise bad("'modalities' must be [\"text\"] or [\"text\", \"audio\"]", "modalities")
+        spoken = "audio" in modalities
+        out = field(body, "audio", dict, {})
+        fmt = out.get("format") or ("pcm16" if body.get("stream") else "wav")
+        if fmt not in api.CHAT_AUDIO_FORMATS:
+            raise bad(f"audio.format {fmt!r} is not supported: {', '.join(api.CHAT_AUDIO_FORMATS)}", "audio.format")
+        stream = field(body, "stream", bool, False)
+        if spoken and stream and fmt != "pcm16":
+            raise bad("streamed audio is pcm16 (24 kHz, 16-bit)", "audio.format")
+        if spoken:
+            api.voice(field(out, "voice", str, "uk-male"))  # checked; the chat task has no voice of its own
+        chat = api.chat_messages(s.model.tokenizer, body.get("messages"), s.answers, tasks.TASKS["chat"].system)
+        max_new = api.max_tokens(body, len(chat), s.model.lfm.max_seq_len, s.max_new_tokens)
+        seed = field(body, "seed", int)
+        seq = Sequence(chat, "interleaved", max_new, api.sampling(body, s.sampling["chat"]), seed=seed)
+        events = self._items(seq, self._submit(seq), s.vocoder if spoken else None)
+        (self._chat_stream if stream else self._chat_whole)(body, chat, seq, events, spoken, fmt)
+
+    def _chat_whole(self, body, chat, seq, events, spoken, fmt):
+        s, items, text, waves = self.server, [], tasks.TextStream(self.server.model.tokenizer), []
+        for kind, value in events:
+            if kind == "wave":
+                waves.append(value.cpu())
+                continue
+            items.append((kind, value if kind == "text" else value.tolist()))
+            if kind == "text":
+                text.add(value)
+        message = {"role": "assistant", "content": None if spoken else text.text, "refusal": None}
+        key, expires = s.answers.add(items, text.text)
+        if spoken:
+            wave = torch.cat(waves) if waves else torch.zeros(0)
+            message["audio"] = {"id": key, "expires_at": expires, "transcript": text.text,
+                                "data": base64.b64encode(api.encode(wave, fmt)).decode()}
+        self._json({"id": api.completion_id(), "object": "chat.completion", "created": int(time.time()),
+                    "model": body.get("model") or s.model_name,
+                    "choices": [{"index": 0, "finish_reason": seq.finish, "message": message}],
+                    "usage": api.usage(chat, seq.reused, items)})
+
+    def _chat_stream(self, body, chat, seq, events, spoken, _fmt):
+        s, cid, model = self.server, api.completion_id(), body.get("model") or self.server.model_name
+        items, text = [], tasks.TextStream(s.model.tokenizer)
+        key, expires = api.audio_id()
+        self._start_stream("text/event-stream")
+        self._event(api.chunk(cid, model, {"role": "assistant"}))
+        audio_id = {"id": key, "expires_at": expires}
+        for kind, value in events:
+            if kind == "wave":
+                self._event(api.chunk(cid, model, {"audio": {**audio_id, "data": base64.b64encode(
+                    api.pcm16(value.cpu())).decode()}}))
+                audio_id = {"id": key}
+                continue
+            items.append((kind, value if kind == "text" else value.tolist()))
+            piece = text.add(value) if kind == "text" else ""
+            if piece:
+                self._event(api.chunk(cid, model, {"audio": {"id": key, "transcript": piece}} if spoken
+                                      else {"content": piece}))
+        s.answers.add(items, text.text, key, expires)  # citable once it is whole
+        self._event(api.chunk(cid, model, {}, seq.finish))
+        if (field(body, "stream_options", dict, {}) or {}).get("include_usage"):
+            self._event({**api.chunk(cid, model, {}), "choices": [], "usage": api.usage(chat, seq.reused, items)})
+        self._event(b"[DONE]")
+        self._end_stream()
+
+    def _speech(self, raw: bytes):
+        s, body = self.server, api.json_body(raw)
+        text = field(body, "input", str, required=True)
+        if not text.strip():
+            raise bad("'input' is empty", "input")
+        chosen = api.voice(field(body, "voice", str, required=True))
+        fmt = field(body, "response_format", str, "wav", api.SPEECH_FORMATS + ("mp3", "opus", "aac"))
+        if fmt not in api.SPEECH_FORMATS:
+            raise bad(f"response_format {fmt!r} is not supported here: wav, pcm or flac", "response_format")
+        sse = field(body, "stream_format", str, "audio", ("audio", "sse")) == "sse"
+        chat = tasks.new_chat(s.model.tokenizer, tasks.system_prompt("tts", chosen))
+        tasks.add_user_turn(chat, None, text)
+        max_new = api.max_tokens({}, len(chat), s.model.lfm.max_seq_len, s.max_new_tokens)
+        seq = Sequence(chat, "sequential", max_new, s.sampling["tts"])
+        events = self._items(seq, self._submit(seq), s.vocoder)
+        if fmt == "flac" and not sse:  # a flac header needs the length: sent whole
+            waves = [v.cpu() for k, v in events if k == "wave"]
+            return self._send(api.encode(torch.cat(waves) if waves else torch.zeros(0), "flac"), "audio/flac")
+        self._start_stream("text/event-stream" if sse else {"wav": "audio/wav", "pcm": "audio/pcm",
+                                                            "flac": "audio/flac"}[fmt])
+        send = (lambda data: self._event({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
+                ) if sse else self._chunk
+        if fmt == "wav":
+            send(api.wav_header())
+        waves, steps = [], 0
+        for kind, value in events:
+            steps += kind != "wave"
+            if kind == "wave":
+                waves.append(value.cpu())
+                send(api.float32(value) if fmt == "wav" else api.pcm16(value) if fmt == "pcm" else b"")
+        if fmt == "flac":  # sse: one delta with the whole file
+            send(api.encode(torch.cat(waves) if waves else torch.zeros(0), "flac"))
+        if sse:
+            self._event({"type": "speech.audio.done", "usage": {"input_tokens": len(chat), "output_tokens": steps,
+                                                                "total_tokens": len(chat) + steps}})
+        self._end_stream()
+
+    def _transcriptions(self, raw: bytes):
+        s = self.server
+        fields = api.form(raw, self.headers.get("Content-Type", ""))
+        upload = fields.get("file")
+        if not isinstance(upload, tuple):
+            raise bad("'file' is required: the audio file, as a multipart file field", "file")
+        fmt = fields.get("response_format", "json")
+        if fmt not in api.TRANSCRIPT_FORMATS:
+            raise bad(f"response_format must be one of {', '.join(api.TRANSCRIPT_FORMATS)}", "response_format")
+        stream = str(fields.get("stream", "false")).lower() == "true"
+        wave = api.recording(upload[1], upload[0] or "file")
+        chunks = transcribe.cut(s.model, [wave])
+        todo = [c for c in chunks if c.chat is not None]
+        longest = max((len(c.chat) for c in todo), default=0)
+        max_new = api.max_tokens({}, longest, s.model.lfm.max_seq_len, s.max_new_tokens)
+        seqs = {id(c): Sequence(c.chat, "sequential", max_new, s.sampling["asr"]) for c in todo}
+        events = {key: self._items(seq, self._submit(seq)) for key, seq in seqs.items()}
+        if stream:
+            self._start_stream("text/event-stream")
+        texts = []
+        try:
+            for c in chunks:  # in order; all are decoding together meanwhile
+                if c.chat is not None:
+                    transcribe.finish(c, [(k, v if k == "text" else v.tolist()) for k, v in events[id(c)]],
+                                      s.model.tokenizer)
+                if c.text:
+                    texts.append(c.text)
+                    if stream:
+                        self._event({"type": "transcript.text.delta", "delta": c.text if len(texts) == 1
+                                     else " " + c.text})
+        finally:  # a client gone half-way: the chunks still decoding free their rows
+            for seq in seqs.values():
+                seq.cancel()
+        text = " ".join(texts)
+        if stream:
+            self._event({"type": "transcript.text.done", "text": text})
+            return self._end_stream()
+        if fmt in ("srt", "vtt"):
+            return self._send(transcribe.subtitles("." + fmt, chunks).encode(), "text/plain; charset=utf-8")
+        if fmt == "text":
+            return self._send((text + "\n").encode(), "text/plain; charset=utf-8")
+        result = {"text": text}
+        if fmt == "verbose_json":
+            result = {"task": "transcribe", "language": fields.get("language") or None,
+                      "duration": round(wave.numel() / 16000, 3), "text": text,
+                      "segments": [{"id": n, "seek": round(c.start * 100), "start": round(c.start, 3),
+                                    "end": round(c.end, 3), "text": c.text,
+                                    "tokens": [v for k, v in c.items if k == "text" and v != IM_END],
+                                    "temperature": 0.0, "avg_logprob": None, "compression_ratio": None,
+                                    "no_speech_prob": None} for n, c in enumerate(x for x in chunks if x.text)]}
+        self._json(result)
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address, model, vocoder, args):
+        super().__init__(address, Handler)
+        self.model, self.vocoder, self.engine = model, vocoder, Engine(model, args.batch).start()
+        self.answers = api.Answers()
+        self.api_key, self.max_body = args.api_key, int(args.max_body_mb * 2**20)
+        self.model_name, self.quantize, self.max_new_tokens = args.model, args.quantize, args.max_new_tokens
+        self.vocoder_name = type(vocoder).__name__.lower().replace("detokenizer", "lfm2")
+        self.sampling = {task: run.sampling(args, task) for task in tasks.TASKS}
+        self.verbose, self.timeout = args.verbose, args.timeout
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = run.Parser(description="LFM2-Audio-1.5B as an OpenAI-compatible speech server, with a live voice page.")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--batch", type=int, default=4,
+                   help="cache rows decoded together, each a running request or a conversation kept for the next "
+                        "turn (default 4)")
+    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every /v1 route")
+    p.add_argument("--max-body-mb", type=float, default=25, help="largest request body in MB (default 25)")
+    p.add_argument("--timeout", type=float, default=60,
+                   help="seconds a client may stall, sending its request or taking the answer (default 60)")
+    p.add_argument("--verbose", action="store_true", help="log every request on stderr")
+    run.model_options(p)
+    args = p.parse_args(argv)
+    if args.batch < 1 or args.max_new_tokens < 1 or args.context < 2 or args.max_body_mb <= 0 or args.timeout <= 0:
+        p.error("--batch and --max-new-tokens must be >= 1, --context >= 2, --max-body-mb and --timeout > 0")
+    args.temperature = args.top_k = args.audio_temperature = args.audio_top_k = None  # run.sampling's defaults
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    try:
+        t0 = time.perf_counter()
+        model, vocoder = tasks.load(args.model, args.device, args.dtype, args.quantize, args.compile, args.context,
+                                    args.vocoder, sampling=run.sampling(args, "chat"))
+        server = Server((args.host, args.port), model, vocoder, args)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        print(f"error: {tasks.one_line(e)}", file=sys.stderr)
+        return 1
+    host, port = server.server_address[:2]
+    print(f"ready in {time.perf_counter() - t0:.1f} s ({model.setup}, {args.batch} rows): http://{host}:{port}/ "
+          f"(the voice page), http://{host}:{port}/v1 (the API)", file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("\nstopped", file=sys.stderr)
+    finally:
+        server.engine.stop()  # the step under way ends first: no thread is inside the model at exit
+        server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
