@@ -204,7 +204,7 @@ class _Ours:
 
     def __init__(self, folder, device, dtype, context, compile=False, quantize=None):
         from compiled import compile_decode
-        from hub import MIMI_FILE
+        from checkpoint import MIMI_FILE
         from lfm2audio import LFM2Audio
         from mimi import Mimi
 
@@ -269,7 +269,7 @@ class _Official:
 def _timed_generation(impl, chat, mode, steps) -> dict:
     """Generate with streaming Mimi decode of every audio frame (as run.py and the official demo do), timing
     each item: LM seconds (the generator's step) and Mimi seconds."""
-    from lfm2audio import is_end_of_audio
+    from tasks import is_end_of_audio
 
     decode = impl.stream()
     items, lm, mimi, first_audio = [], [], [], None
@@ -567,7 +567,7 @@ def bench_vocoder(args) -> dict:
 
     import fixtures
     from detokenizer import Detokenizer
-    from hub import DETOKENIZER_DIR, MIMI_FILE
+    from checkpoint import DETOKENIZER_DIR, MIMI_FILE
     from mimi import Mimi
 
     folder = Path(args.model) if args.model else fixtures.cached_lfm25_checkpoint(fixtures.TINY_CONFIG, 0)

@@ -1,25 +1,18 @@
 """LFM2-Audio-1.5B: config, the LFM2 backbone, the audio depthformer, the chat prompt and generation.
 
-    model = LFM2Audio.from_pretrained("LiquidAI/LFM2-Audio-1.5B")   # or a local folder in the same layout
-    chat = Chat(model.tokenizer)                                     # the prompt: turns of text and audio
-    for kind, value in model.generate(chat, "interleaved"):          # ("text", id) / ("audio", codes [8])
-
 Module names equal the keys of the checkpoint's `model.safetensors`, so loading is a strict `load_state_dict`.
 Decoding is gpt-fast's: static caches written at `input_pos` (KV for attention layers, the last two conv inputs
 for conv layers, 8 steps for the depthformer), `prefill`, `decode_one` (one backbone step), `text_step` and
 `audio_step` (one item, sampled on the device), and `generate`, one sequence's loop over them. Batched decoding
-(batch.py), int8 weights (quantize.py), compiling (compiled.py) and the tasks (tasks.py) build on these pieces.
+(batch.py), quantization (quantize.py), compiling (compiled.py) and the tasks (tasks.py) build on these pieces.
 """
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 
 import audio
@@ -88,16 +81,6 @@ class Config:
             tie_audio_embeddings=d["tie_audio_embeddings"], depth_layers=depth["layers"], depth_dim=depth["dim"],
             depth_tie=depth["tie"], interleaved_n_text=d["interleaved_n_text"],
             interleaved_n_audio=d["interleaved_n_audio"], encoder=d["encoder"])
-
-    @classmethod
-    def from_file(cls, path: Path) -> "Config":
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"{path}: config file not found")
-        try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
-        except (KeyError, TypeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: not an LFM2-Audio config ({type(e).__name__}: {e})") from None
-
 
 def check_state_dict(expected: dict, state: dict, name) -> None:
     """One ValueError naming the missing, unexpected and mis-shaped tensors of `state`, if any."""
@@ -307,9 +290,8 @@ class LFM2(nn.Module):
 
     def reset(self, row: int = 0):
         """Start a new sequence in cache row `row`: its conv states to zero (the KV cache is masked)."""
-        for layer in self.layers:
-            if hasattr(layer, "conv"):
-                layer.conv.state[row].zero_()
+        for conv in (layer.conv for layer in self.layers if hasattr(layer, "conv")):
+            conv.state[row].zero_()
 
 
 # ---- depthformer (keys depthformer.*) ----
@@ -320,15 +302,6 @@ def rope_interleaved(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(torch.view_as_complex(x.float().unflatten(-1, (-1, 2))) * rot).flatten(-2).type_as(x)
 
 
-class QKNorm(nn.Module):
-    """Per-head q/k RMSNorms; a module of its own only because the checkpoint nests them here."""
-
-    def __init__(self, head_dim: int):
-        super().__init__()
-        self.q_layernorm = RMSNorm(head_dim, NORM_EPS, weight_in_fp32=True)
-        self.k_layernorm = RMSNorm(head_dim, NORM_EPS, weight_in_fp32=True)
-
-
 class DepthAttention(nn.Module):
     """Fused-qkv GQA attention (32 heads, 8 KV heads), per-head q/k norm, interleaved RoPE."""
 
@@ -337,7 +310,9 @@ class DepthAttention(nn.Module):
         self.head_dim = dim // DEPTH_HEADS
         self.qkv_proj = nn.Linear(dim, dim + 2 * DEPTH_KV_HEADS * self.head_dim, bias=False)
         self.out_proj = nn.Linear(dim, dim, bias=False)
-        self.bounded_attention = QKNorm(self.head_dim)
+        self.bounded_attention = nn.ModuleDict(dict(  # per-head q/k norms, nested as the checkpoint nests them
+            q_layernorm=RMSNorm(self.head_dim, NORM_EPS, weight_in_fp32=True),
+            k_layernorm=RMSNorm(self.head_dim, NORM_EPS, weight_in_fp32=True)))
         self.kv_cache: KVCache | None = None
 
     def forward(self, x, rot, step: int) -> torch.Tensor:  # x [B, 1, dim] of codebook `step`
@@ -552,12 +527,6 @@ class Modality:
         return True, False
 
 
-def is_end_of_audio(frame) -> bool:
-    """Whether an audio frame [8] is a signal to the model, not sound: the end-of-audio code in any codebook.
-    Decoders have no code 2048: such a frame is never decoded (as in the official demo), but stays in the chat."""
-    return END_OF_AUDIO in (frame.tolist() if torch.is_tensor(frame) else frame)
-
-
 class LFM2Audio(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
@@ -577,40 +546,16 @@ class LFM2Audio(nn.Module):
         # the text logits, tied to lfm.embed_tokens (the file stores the table once; quantize.py swaps this)
         self.text_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.tie_weights()
-        self.tokenizer: Tokenizer | None = None  # set by from_pretrained
+        self.tokenizer: Tokenizer | None = None  # set by checkpoint.load
         self.prefills = 0  # prefills and cache setups so far: batch.py notices cache writes that are not its own
-
-    # -- loading --
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device="cpu", dtype=torch.float32, max_seq_len: int = 4096,
                         quantize: str | None = None) -> "LFM2Audio":
-        """Load a checkpoint folder, or a Hugging Face repo id (hub.py: downloads only the files needed), cast
-        to `dtype` on `device`, with caches for `max_seq_len` positions. `quantize` "int8": see quantize.py."""
-        import hub
-        folder = hub.checkpoint_folder(folder)
-        cfg = Config.from_file(folder / "config.json")
-        weights, tok = folder / "model.safetensors", folder / "tokenizer.json"
-        for path, what in ((weights, "model weights"), (tok, "text tokenizer")):
-            if not path.is_file():
-                raise FileNotFoundError(f"{path}: {what} not found")
-        # built on the meta device, then allocated uninitialised: every tensor is overwritten by the load
-        with torch.device("meta"):
-            model = cls(cfg).to(dtype=dtype)
-        if quantize:
-            import quantize as q
-            model = q.load_quantized(model, weights, device, quantize)
-        else:
-            model = model.to_empty(device=device)
-            model.tie_weights()  # moving off meta made separate copies of tied weights
-            try:
-                state = load_file(str(weights), device=str(device))
-            except SafetensorError as e:  # the reader's message does not name the file
-                raise ValueError(f"{weights}: unreadable safetensors file ({e})") from None
-            model.load_checkpoint(state, name=str(weights))
-        model.tokenizer = Tokenizer.from_file(tok)
-        model.setup_caches(max_seq_len)
-        return model.eval()
+        """A checkpoint folder or Hugging Face repo id, loaded on `device` in `dtype`, with caches for
+        `max_seq_len` positions (checkpoint.load); `quantize` "int8": quantize.py."""
+        import checkpoint
+        return checkpoint.load(folder, device, dtype, max_seq_len, quantize)
 
     def tied_pairs(self) -> list[tuple[str, str]]:
         """(name, name) of tensors that are one: the text head and the tied codebook tables."""
@@ -624,18 +569,6 @@ class LFM2Audio(nn.Module):
             owner, _, name = b.rpartition(".")
             if isinstance(getattr(self.get_submodule(owner), name), nn.Parameter):  # a quantized copy stays apart
                 setattr(self.get_submodule(owner), name, self.get_parameter(a))
-
-    def load_checkpoint(self, state: dict[str, torch.Tensor], name: str = "checkpoint"):
-        """Strict load of a checkpoint state dict; a tied weight may be stored once or twice. Missing,
-        unexpected or mis-shaped tensors are reported by name in one ValueError."""
-        state = dict(state)
-        for a, b in self.tied_pairs():  # safetensors stores a shared tensor under one of its names
-            if a in state and b not in state:
-                state[b] = state[a]
-            elif b in state and a not in state:
-                state[a] = state[b]
-        check_state_dict(self.state_dict(), state, name)
-        self.load_state_dict(state, strict=True)
 
     def setup_caches(self, max_seq_len: int, batch: int = 1):
         """Static caches, a row per sequence: the backbone's for `max_seq_len` positions, the depthformer's 8."""

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+import checkpoint
+
 SCHEMES = ("int8",)
 INT8_ROWS = 4096  # rows quantized at a time: the fp32 temporaries of a 65536-row table would be ~1 GB
 FOLD_K = (2048, 4096)  # on the CPU, int8 rows of K in [2048, 4096) bytes are stored in pairs (see Int8Linear)
@@ -149,7 +151,7 @@ def load_quantized(model, weights: Path, device, scheme: str = "int8"):
     except SafetensorError as e:  # the reader's message does not name the file
         raise ValueError(f"{weights}: unreadable safetensors file ({e})") from None
     # names and shapes checked as a plain load checks them, with meta tensors: nothing is read yet
-    model.load_checkpoint({k: torch.empty(shape, device="meta") for k, shape in shapes.items()}, name=str(weights))
+    checkpoint.load_state(model, {k: torch.empty(shape, device="meta") for k, shape in shapes.items()}, str(weights))
     sources = {k: k for k in model.state_dict()}  # each tensor of the model -> its name in the file
     for a, b in model.tied_pairs():  # a tied pair may be stored once
         sources[a] = sources[b] = a if a in shapes else b

@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 
 import audio
-import hub
+import checkpoint
 from detokenizer import Detokenizer
 import conformer
-from lfm2audio import AUDIO_IN, AUDIO_OUT, TEXT, Chat, LFM2Audio, Sampling, is_end_of_audio
+from lfm2audio import AUDIO_IN, AUDIO_OUT, END_OF_AUDIO, TEXT, Chat, LFM2Audio, Sampling
 from mimi import Mimi
 
 
@@ -133,6 +133,12 @@ class TextStream:
         return new
 
 
+def is_end_of_audio(frame) -> bool:
+    """Whether an audio frame [8] is a signal to the model, not sound: the end-of-audio code in any codebook.
+    Decoders have no code 2048: such a frame is never decoded (as in the official demo), but stays in the chat."""
+    return END_OF_AUDIO in (frame.tolist() if torch.is_tensor(frame) else frame)
+
+
 def respond(items, vocoder, decode_frames: int = 1) -> Iterator[tuple[str, object]]:
     """The generated items as they come, ("text", id) and ("audio", codes [8]), with the sound decoded along:
     ("wave", samples [n] at 24 kHz). The answer's first frame is decoded at once (the first audio), later ones
@@ -196,9 +202,9 @@ def cpu_has_bf16() -> bool:
 def pick_vocoder(folder: Path, choice: str | None) -> str:
     """"lfm2" or "mimi": `choice`, else the LFM2 detokenizer when the folder has one, as the official processor's
     decode does."""
-    has_lfm2 = (folder / hub.DETOKENIZER_DIR).is_dir()
+    has_lfm2 = (folder / checkpoint.DETOKENIZER_DIR).is_dir()
     if choice == "lfm2" and not has_lfm2:
-        raise FileNotFoundError(f"{folder / hub.DETOKENIZER_DIR}: no LFM2 detokenizer in this checkpoint "
+        raise FileNotFoundError(f"{folder / checkpoint.DETOKENIZER_DIR}: no LFM2 detokenizer in this checkpoint "
                                 "(LFM2.5-Audio has one); use --vocoder mimi")
     return choice or ("lfm2" if has_lfm2 else "mimi")
 
@@ -206,10 +212,12 @@ def pick_vocoder(folder: Path, choice: str | None) -> str:
 def check_checkpoint(folder: Path, context: int, vocoder: str | None):
     """Fail before the long load: every file needed is there (no vocoder: ASR only) and `context` fits the
     model's positions (the caches for it are allocated up front)."""
-    needed = {"config.json": "config file", "model.safetensors": "model weights", "tokenizer.json": "text tokenizer",
-              **({hub.MIMI_FILE: "Mimi checkpoint"} if vocoder == "mimi" else {}),
-              **({f"{hub.DETOKENIZER_DIR}/config.json": "detokenizer config",
-                  f"{hub.DETOKENIZER_DIR}/model.safetensors": "detokenizer weights"} if vocoder == "lfm2" else {})}
+    needed = {"config.json": "config file", "model.safetensors": "model weights", "tokenizer.json": "text tokenizer"}
+    if vocoder == "mimi":
+        needed[checkpoint.MIMI_FILE] = "Mimi checkpoint"
+    elif vocoder == "lfm2":
+        needed[f"{checkpoint.DETOKENIZER_DIR}/config.json"] = "detokenizer config"
+        needed[f"{checkpoint.DETOKENIZER_DIR}/model.safetensors"] = "detokenizer weights"
     for name, what in needed.items():
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder / name}: {what} not found")
@@ -231,7 +239,7 @@ def load(model: str | Path = "LiquidAI/LFM2-Audio-1.5B", device="auto", dtype="a
     `sampling`; `model.setup` names what was picked, e.g. "cpu bfloat16 int8"."""
     device = pick_device(str(device))
     dtype = pick_dtype(dtype, device) if isinstance(dtype, str) else dtype
-    folder = hub.checkpoint_folder(model)  # downloads on first use
+    folder = checkpoint.checkpoint_folder(model)  # downloads on first use
     which = pick_vocoder(folder, vocoder) if sound else None
     check_checkpoint(folder, context, which)
     lm = LFM2Audio.from_pretrained(folder, device=device, dtype=dtype, max_seq_len=context, quantize=quantize)
@@ -241,9 +249,9 @@ def load(model: str | Path = "LiquidAI/LFM2-Audio-1.5B", device="auto", dtype="a
     lm.setup = f"{device} {str(dtype).removeprefix('torch.')}" + (f" {quantize}" if quantize else "")
     decoder = None
     if which == "mimi":
-        decoder = Mimi.from_file(folder / hub.MIMI_FILE, device=device)
+        decoder = Mimi.from_file(folder / checkpoint.MIMI_FILE, device=device)
     elif which == "lfm2":
-        decoder = Detokenizer.from_folder(folder / hub.DETOKENIZER_DIR, device=device)
+        decoder = Detokenizer.from_folder(folder / checkpoint.DETOKENIZER_DIR, device=device)
     return lm, decoder
 
 

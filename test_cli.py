@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import bench
-import hub
+import checkpoint
 import run
 import tasks
 import transcribe
@@ -162,7 +162,7 @@ def test_download_includes_the_detokenizer(monkeypatch, lfm25_ckpt):
         return str(lfm25_ckpt)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
-    assert hub.checkpoint_folder("LiquidAI/LFM2.5-Audio-1.5B") == lfm25_ckpt
+    assert checkpoint.checkpoint_folder("LiquidAI/LFM2.5-Audio-1.5B") == lfm25_ckpt
     assert asked["repo_id"] == "LiquidAI/LFM2.5-Audio-1.5B"
     assert f"{DETOKENIZER_DIR}/*" in asked["patterns"] and "model.safetensors" in asked["patterns"]
 
