@@ -7,6 +7,8 @@ JSON line (so that results can be collected by a script).
     python bench.py accuracy [--model DIR] [--steps 48]
     python bench.py asr [--model DIR] [--chunks 8] [--batches 1,4,8] [--max-new-tokens 64]
     python bench.py vocoder [--model DIR] [--device cpu] [--frames 150] [--rounds 3]
+    python bench.py serve [--model DIR] [--quantize int8] [--steps 64]      (bench_serve.py)
+    python bench.py tts [--model DIR] [--quantize int8] [--compile]         (bench_serve.py)
 """
 
 import argparse
@@ -849,6 +851,8 @@ def main(argv=None):
     p.add_argument("--model", help="checkpoint folder (default: the full-size random-weight test fixture)")
     p.add_argument("--steps", type=int, default=48, help="greedy backbone steps per task")
     p.set_defaults(fn=bench_accuracy)
+    import bench_serve
+    bench_serve.add_parsers(sub)
     args = parser.parse_args(argv)
     return args.fn(args)
 
