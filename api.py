@@ -19,7 +19,7 @@ import soundfile as sf
 import torch
 
 import tasks
-from lfm2audio import AUDIO_IN, AUDIO_OUT, Chat, Sampling
+from lfm2audio import AUDIO_IN, AUDIO_OUT, IM_END, Chat, Sampling
 from mimi import SAMPLE_RATE
 
 # OpenAI's voices onto ours (their timbres have no equivalent here; the map keeps their genders)
@@ -283,6 +283,16 @@ def usage(chat: Chat, reused: int, items: list) -> dict:
             "prompt_tokens_details": {"cached_tokens": reused,
                                       "audio_tokens": sum(f in (AUDIO_IN, AUDIO_OUT) for f in chat.modality)},
             "completion_tokens_details": {"text_tokens": text, "audio_tokens": len(items) - text}}
+
+
+def verbose_transcript(chunks: list, text: str, duration: float, language: str | None) -> dict:
+    """verbose_json: a segment per chunk (its span, text and token ids; no log-probabilities are computed)."""
+    segments = [{"id": n, "seek": round(c.start * 100), "start": round(c.start, 3), "end": round(c.end, 3),
+                 "text": c.text, "tokens": [v for k, v in c.items if k == "text" and v != IM_END], "temperature": 0.0,
+                 "avg_logprob": None, "compression_ratio": None, "no_speech_prob": None}
+                for n, c in enumerate(c for c in chunks if c.text)]
+    return {"task": "transcribe", "language": language or None, "duration": round(duration, 3), "text": text,
+            "segments": segments}
 
 
 def completion_id() -> str:

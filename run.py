@@ -20,50 +20,20 @@ from pathlib import Path
 import soundfile as sf
 import torch
 
+import options
 import tasks
 import transcribe
 from batch import Batch, Sequence
-from lfm2audio import IM_END, Sampling
+from lfm2audio import IM_END
 from mimi import SAMPLE_RATE
 
-DEFAULT_MODEL = "LiquidAI/LFM2-Audio-1.5B"
 DECODE_FRAMES = 4  # frames per decoder call after an answer's first (BENCHMARKS.md: Mimi in pieces)
 BATCH = 8  # ASR chunks decoded together
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, like every other error of the CLI (argparse adds the usage)
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-
-def model_options(p: argparse.ArgumentParser):
-    """The model, hardware and generation options, shared with serve.py."""
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"Hugging Face repo id or local folder ({DEFAULT_MODEL})")
-    p.add_argument("--max-new-tokens", type=int, default=tasks.MAX_NEW_TOKENS,
-                   help=f"per answer (default {tasks.MAX_NEW_TOKENS})")
-    p.add_argument("--context", type=int, default=tasks.CONTEXT,
-                   help=f"context length in positions (default {tasks.CONTEXT})")
-    p.add_argument("--greedy", action="store_true", help="greedy text and audio (overrides the sampling options)")
-    p.add_argument("--seed", type=int, help="random seed for sampling")
-    p.add_argument("--vocoder", choices=["mimi", "lfm2"],
-                   help="audio decoder: lfm2 = the LFM2 detokenizer of LFM2.5-Audio (its audio_detokenizer/ folder; "
-                        "the default when there is one, as in the official package), mimi = Mimi (otherwise)")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
-    p.add_argument("--dtype", default="auto", choices=["auto", *tasks.DTYPES],
-                   help="model dtype (auto: bfloat16 on cuda and on CPUs with native bf16, AVX512-BF16 or AMX; "
-                        "float32 elsewhere); the audio decoder always runs in float32")
-    p.add_argument("--quantize", choices=["int8"],
-                   help="int8 weight-only quantization of the decoder's linear layers (about 1.5 GB of weights; "
-                        "on a CPU the fastest setting)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode path at load (CUDA graphs on cuda): minutes more to load the first "
-                        "time, less later (torch's disk cache); faster steps for long answers")
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    p = Parser(description="LFM2-Audio-1.5B: speech-to-speech chat, ASR and TTS.")
+    p = options.Parser(description="LFM2-Audio-1.5B: speech-to-speech chat, ASR and TTS.")
     p.add_argument("--mode", choices=list(tasks.TASKS), default="chat",
                    help="chat: interleaved text+audio answer (default); asr: transcript; tts: speech of --text")
     p.add_argument("--wav", action="append",
@@ -94,7 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"audio frames the decoder takes per call after an answer's first, decoded at once (default "
                         f"{DECODE_FRAMES}, 320 ms): on a CPU more frames per call cost less each, fewer reach the "
                         f"file sooner")
-    model_options(p)
+    options.model_options(p)
     args = p.parse_args(argv)
     if args.max_new_tokens < 1 or args.context < 2:
         p.error("--max-new-tokens must be >= 1 and --context >= 2")
@@ -114,17 +84,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         if args.mode == "chat" and not (args.wav or args.text):
             p.error("give --wav and/or --text (or --chat for a conversation on stdin)")
     return args
-
-
-def sampling(args, task: str) -> Sampling:
-    """The official settings of the task, overridden by the options (0 means greedy / no top-k)."""
-    if args.greedy:
-        return Sampling()
-    default = tasks.TASKS[task].sampling
-    given = (args.temperature, args.top_k, args.audio_temperature, args.audio_top_k)
-    values = [g if g is not None else d for g, d in zip(given, (default.text_temperature, default.text_top_k,
-                                                                default.audio_temperature, default.audio_top_k))]
-    return Sampling(*(None if v is not None and v <= 0 else v for v in values))
 
 
 def numbered(path: str | None, turn: int | None) -> Path | None:
@@ -156,16 +115,25 @@ class ContextFull(ValueError):
     """The prompt leaves no room for an answer."""
 
 
+def room(args, prompt_len: int, what: str = "answer") -> int:
+    """--max-new-tokens, or what the context leaves after a prompt (said on stderr); ContextFull if nothing."""
+    max_new = min(args.max_new_tokens, args.context - prompt_len)
+    if max_new < 1:
+        raise ContextFull(f"the prompt has {prompt_len} positions, the context {args.context} (--context)")
+    if max_new < args.max_new_tokens:
+        print(f"note: {what} limited to {max_new} tokens by the context of {args.context}", file=sys.stderr)
+    return max_new
+
+
+def write_codes(path: Path, prompt_ids: list, items: list):
+    path.write_text(json.dumps({"prompt_ids": prompt_ids, "items": [
+        [kind, value if kind == "text" or isinstance(value, list) else value.tolist()] for kind, value in items]}))
+
+
 def answer(batch: Batch, decoder, chat, args, wav_path: Path, codes_path: Path | None, load_s: float) -> list:
     """The assistant's turn for `chat`: text to stdout, audio to `wav_path`, timing to stderr. Returns the
     generated items, without a final <|im_end|>."""
-    room = args.context - len(chat)
-    if room < 1:
-        raise ContextFull(f"the prompt has {len(chat)} positions, the context {args.context} (--context)")
-    max_new = min(args.max_new_tokens, room)
-    if max_new < args.max_new_tokens:
-        print(f"note: answer limited to {max_new} tokens by the context of {args.context}", file=sys.stderr)
-    seq = Sequence(chat, tasks.TASKS[args.mode].mode, max_new, sampling(args, args.mode))
+    seq = Sequence(chat, tasks.TASKS[args.mode].mode, room(args, len(chat)), options.sampling(args, args.mode))
     prompt_ids, items, text = list(chat.text), [], tasks.TextStream(chat.tokenizer)
     out = AudioWriter(wav_path) if decoder is not None else None
     t0, first_text, first_audio = time.perf_counter(), None, None
@@ -187,7 +155,7 @@ def answer(batch: Batch, decoder, chat, args, wav_path: Path, codes_path: Path |
     if items and items[-1] == ("text", IM_END):  # sequential mode yields it; the turn's end is not content
         items.pop()
     if codes_path is not None:
-        codes_path.write_text(json.dumps({"prompt_ids": prompt_ids, "items": [list(i) for i in items]}))
+        write_codes(codes_path, prompt_ids, items)
     audio_s, total = (out.samples if out else 0) / SAMPLE_RATE, time.perf_counter() - t0
     s = lambda t: "-" if t is None else f"{t:.2f} s"  # noqa: E731
     print(f"[time] load {load_s:.2f} s ({batch.model.setup}) | first text {s(first_text)} | first audio "
@@ -245,8 +213,8 @@ def read_user_turn(chat) -> bool:
         except (OSError, ValueError):  # a message is often no valid path: over 255 bytes, or with a NUL
             spoken = False
         try:
-            tasks.add_user_turn(chat, tasks.read_audio(line), None) if spoken else tasks.add_user_turn(chat, None,
-                                                                                                        line)
+            wave = tasks.read_audio(line) if spoken else None
+            tasks.add_user_turn(chat, wave, None if spoken else line)
             return True
         except (FileNotFoundError, ValueError, OSError) as e:
             print(f"error: {tasks.one_line(e)}", file=sys.stderr)
@@ -256,50 +224,44 @@ def run_asr(args, model, load_s: float, waves: list[torch.Tensor], writers: list
     """Each --wav chunk by chunk, --batch chunks at once: a line per chunk `[start --> end] text` on stdout (in
     order, under `==> file <==` when there are several files), a progress line per chunk on stderr, --text-out
     and --codes-out (numbered per chunk when there are several) written as chunks finish."""
-    t0 = time.perf_counter()
+    t0, first = time.perf_counter(), None
     chunks = transcribe.cut(model, waves, args.chunk_seconds, system(args), args.text)
     todo = [c for c in chunks if c.chat is not None]
     longest = max((len(c.chat) for c in todo), default=0)
-    max_new = min(args.max_new_tokens, args.context - longest)
-    if max_new < 1:
-        raise ContextFull(f"a chunk's prompt has {longest} positions, the context {args.context} (--context)")
-    if max_new < args.max_new_tokens:
-        print(f"note: transcripts limited to {max_new} tokens per chunk by the context of {args.context}",
-              file=sys.stderr)
+    max_new = room(args, longest, "transcripts")
     # caches for this run alone: every row holds a chunk's prompt and transcript, no more (a decode step reads its
     # whole static cache)
     model.setup_caches(longest + max_new, max(1, min(args.batch, len(todo))))
-    done, audio_s, total_s, first = 0, 0.0, sum(c.end - c.start for c in chunks), None
-
-    def progress(chunk):
-        nonlocal done, audio_s
-        done, audio_s = done + 1, audio_s + chunk.end - chunk.start
-        name = f"{args.wav[chunk.file]} [{transcribe.timestamp(chunk.start)} --> {transcribe.timestamp(chunk.end)}]"
-        if chunk.cut:
-            print(f"note: {name}: the transcript reached --max-new-tokens {max_new} and is cut there",
-                  file=sys.stderr)
-        if args.codes_out:
-            numbered(args.codes_out, chunks.index(chunk) + 1 if len(chunks) > 1 else None).write_text(json.dumps(
-                {"prompt_ids": chunk.chat.text, "items": [[k, v if k == "text" else v.tolist()] for k, v in
-                                                          chunk.items]}))
-        print(f"[asr] {done}/{len(todo)} chunks | {audio_s:.1f} of {total_s:.1f} s of audio | "
-              f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
-        return chunk
-
-    finished = (progress(c) for c in transcribe.transcribe_chunks(model, chunks, args.batch, max_new,
-                                                                  sampling(args, "asr")))
-    for k, c in enumerate(transcribe.in_order(chunks, finished)):
+    done = transcribe.transcribe_chunks(model, chunks, args.batch, max_new, options.sampling(args, "asr"))
+    for k, c in enumerate(transcribe.in_order(chunks, asr_progress(args, chunks, done, max_new, t0))):
         if len(waves) > 1 and (k == 0 or chunks[k - 1].file != c.file):
             print(f"==> {args.wav[c.file]} <==")
         print(f"[{transcribe.timestamp(c.start)} --> {transcribe.timestamp(c.end)}] {c.text}".rstrip(), flush=True)
         if writers[c.file] is not None:
             writers[c.file].write(c.start, c.end, c.text)
         first = first or time.perf_counter() - t0
-    took = time.perf_counter() - t0
+    took, total_s = time.perf_counter() - t0, sum(c.end - c.start for c in chunks)
     print(f"[time] load {load_s:.2f} s ({model.setup}) | first text {first or took:.2f} s | {len(chunks)} chunk"
           f"{'s' * (len(chunks) > 1)}, {total_s:.1f} s of audio in {took:.2f} s "
           f"({total_s / took:.1f} s of audio per second)", file=sys.stderr)
     return 0
+
+
+def asr_progress(args, chunks: list, done, max_new: int, t0: float):
+    """The chunks as they are done, each reported on stderr (and --codes-out written) on its way."""
+    todo, audio_s, total_s = sum(c.chat is not None for c in chunks), 0.0, sum(c.end - c.start for c in chunks)
+    for n, chunk in enumerate(done, 1):
+        audio_s += chunk.end - chunk.start
+        if chunk.cut:
+            print(f"note: {args.wav[chunk.file]} [{transcribe.timestamp(chunk.start)} --> "
+                  f"{transcribe.timestamp(chunk.end)}]: the transcript reached --max-new-tokens {max_new} and is cut "
+                  "there", file=sys.stderr)
+        if args.codes_out:
+            write_codes(numbered(args.codes_out, chunks.index(chunk) + 1 if len(chunks) > 1 else None),
+                        chunk.chat.text, chunk.items)
+        print(f"[asr] {n}/{todo} chunks | {audio_s:.1f} of {total_s:.1f} s of audio | "
+              f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        yield chunk
 
 
 def system(args) -> str:
@@ -333,7 +295,7 @@ def load(args):
     """(model, decoder or None, seconds it took)."""
     t0 = time.perf_counter()
     model, decoder = tasks.load(args.model, args.device, args.dtype, args.quantize, args.compile, args.context,
-                                args.vocoder, sound=args.mode != "asr", sampling=sampling(args, args.mode))
+                                args.vocoder, sound=args.mode != "asr", sampling=options.sampling(args, args.mode))
     return model, decoder, time.perf_counter() - t0
 
 

@@ -25,13 +25,13 @@ from pathlib import Path
 import torch
 
 import api
+import options
 import run
 import tasks
 import transcribe
 from api import APIError, bad, field
 from batch import Sequence
 from engine import Engine
-from lfm2audio import IM_END
 
 WEB = Path(__file__).resolve().parent / "web"
 TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript", ".css": "text/css", ".png": "image/png",
@@ -339,16 +339,9 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(transcribe.subtitles("." + fmt, chunks).encode(), "text/plain; charset=utf-8")
         if fmt == "text":
             return self._send((text + "\n").encode(), "text/plain; charset=utf-8")
-        result = {"text": text}
         if fmt == "verbose_json":
-            result = {"task": "transcribe", "language": fields.get("language") or None,
-                      "duration": round(wave.numel() / 16000, 3), "text": text,
-                      "segments": [{"id": n, "seek": round(c.start * 100), "start": round(c.start, 3),
-                                    "end": round(c.end, 3), "text": c.text,
-                                    "tokens": [v for k, v in c.items if k == "text" and v != IM_END],
-                                    "temperature": 0.0, "avg_logprob": None, "compression_ratio": None,
-                                    "no_speech_prob": None} for n, c in enumerate(x for x in chunks if x.text)]}
-        self._json(result)
+            return self._json(api.verbose_transcript(chunks, text, wave.numel() / 16000, fields.get("language")))
+        self._json({"text": text})
 
 
 class Server(ThreadingHTTPServer):
@@ -361,12 +354,12 @@ class Server(ThreadingHTTPServer):
         self.api_key, self.max_body = args.api_key, int(args.max_body_mb * 2**20)
         self.model_name, self.quantize, self.max_new_tokens = args.model, args.quantize, args.max_new_tokens
         self.vocoder_name = type(vocoder).__name__.lower().replace("detokenizer", "lfm2")
-        self.sampling = {task: run.sampling(args, task) for task in tasks.TASKS}
+        self.sampling = {task: options.sampling(args, task) for task in tasks.TASKS}
         self.verbose, self.timeout = args.verbose, args.timeout
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = run.Parser(description="LFM2-Audio-1.5B as an OpenAI-compatible speech server, with a live voice page.")
+    p = options.Parser(description="LFM2-Audio-1.5B as an OpenAI-compatible speech server, with a live voice page.")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     p.add_argument("--batch", type=int, default=4,
@@ -377,11 +370,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=60,
                    help="seconds a client may stall, sending its request or taking the answer (default 60)")
     p.add_argument("--verbose", action="store_true", help="log every request on stderr")
-    run.model_options(p)
+    options.model_options(p)
     args = p.parse_args(argv)
     if args.batch < 1 or args.max_new_tokens < 1 or args.context < 2 or args.max_body_mb <= 0 or args.timeout <= 0:
         p.error("--batch and --max-new-tokens must be >= 1, --context >= 2, --max-body-mb and --timeout > 0")
-    args.temperature = args.top_k = args.audio_temperature = args.audio_top_k = None  # run.sampling's defaults
     return args
 
 
@@ -392,7 +384,7 @@ def main(argv=None) -> int:
     try:
         t0 = time.perf_counter()
         model, vocoder = tasks.load(args.model, args.device, args.dtype, args.quantize, args.compile, args.context,
-                                    args.vocoder, sampling=run.sampling(args, "chat"))
+                                    args.vocoder, sampling=options.sampling(args, "chat"))
         server = Server((args.host, args.port), model, vocoder, args)
     except (FileNotFoundError, ValueError, OSError) as e:
         print(f"error: {tasks.one_line(e)}", file=sys.stderr)
