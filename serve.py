@@ -74,6 +74,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def _route(self, method: str):
         path, self.streaming = self.path.split("?")[0], False
+        # a body left unread would be taken for the next request on this connection: refused unread, it closes
+        self.unread = method != "GET" and (self.headers.get("Content-Length", "0").strip() not in ("", "0")
+                                           or "Transfer-Encoding" in self.headers)
         try:
             if path not in ROUTES:
                 raise APIError(404, f"no route {path} (see /v1/models, /v1/chat/completions, /v1/audio/speech, "
@@ -93,6 +96,7 @@ class Handler(BaseHTTPRequestHandler):
             if self.streaming:  # the status line is sent: all that is left is to end the connection
                 self.close_connection = True
             else:
+                self.close_connection = self.close_connection or self.unread
                 self._json(e.body(), e.status)
 
     def _check_key(self):
@@ -117,6 +121,7 @@ class Handler(BaseHTTPRequestHandler):
         body = self.rfile.read(n)
         if len(body) < n:
             raise ClientGone()
+        self.unread = False
         return body
 
     # -- writing --
@@ -128,6 +133,8 @@ class Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(data)
 

@@ -372,6 +372,33 @@ def test_api_key_is_checked(server, tiny_ckpt):
     assert request(server, "GET", "/health", None, {"Authorization": ""})[0] == 200
 
 
+def test_refused_body_does_not_poison_the_connection(server):
+    """A POST refused before its body is read (a wrong key, an unknown path, a wrong method) closes its
+    keep-alive connection: the unread body must never be taken for the next request (a browser reuses
+    connections). On a connection that stays open, the next request gets its own answer."""
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    for path, headers, status in (("/v1/chat/completions", {"Authorization": "Bearer wrong"}, 401),
+                                  ("/v1/nothing", {}, 404), ("/v1/models", {}, 405)):
+        conn = http.client.HTTPConnection("127.0.0.1", server, timeout=60)
+        conn.request("POST", path, body, {"Authorization": f"Bearer {KEY}", **headers})
+        r = conn.getresponse()
+        assert r.status == status and json.loads(r.read())["error"]
+        assert r.getheader("Connection") == "close"
+        conn.request("GET", "/v1/models", headers={"Authorization": f"Bearer {KEY}"})  # reconnects
+        r = conn.getresponse()
+        assert r.status == 200 and json.loads(r.read())["object"] == "list"
+        conn.close()
+    conn = http.client.HTTPConnection("127.0.0.1", server, timeout=60)  # a body that was read: kept alive
+    conn.request("POST", "/v1/audio/speech", b"{not json", {"Authorization": f"Bearer {KEY}"})
+    r = conn.getresponse()
+    assert r.status == 400 and r.getheader("Connection") is None and json.loads(r.read())["error"]
+    sock = conn.sock
+    conn.request("GET", "/v1/models", headers={"Authorization": f"Bearer {KEY}"})
+    r = conn.getresponse()
+    assert r.status == 200 and json.loads(r.read())["object"] == "list" and conn.sock is sock
+    conn.close()
+
+
 def test_dropped_stream_frees_its_row(server, client):
     """A client that goes away after the first chunk of a streamed answer: its row is freed (within a step) and
     the server goes on; so does one that stalls in the middle of its request (dropped after --timeout)."""
