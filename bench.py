@@ -3,12 +3,12 @@ JSON line (so that results can be collected by a script).
 
     python bench.py tokenizer [--tokenizer path/to/tokenizer.json] [--megabytes 1] [--repeat 3]
     python bench.py decode [--model DIR] [--device cpu] [--dtype float32 [bfloat16]] [--steps 48] [--compile]
-                           [--quantize int8]
-    python bench.py accuracy [--model DIR] [--steps 48]
+                           [--quantize int8 [int4]] [--quantized-only]
+    python bench.py accuracy [--model DIR] [--steps 48] [--variants bfloat16 int8 int4 ...]
     python bench.py asr [--model DIR] [--chunks 8] [--batches 1,4,8] [--max-new-tokens 64]
     python bench.py vocoder [--model DIR] [--device cpu] [--frames 150] [--rounds 3]
-    python bench.py serve [--model DIR] [--quantize int8] [--steps 64]      (bench_serve.py)
-    python bench.py tts [--model DIR] [--quantize int8] [--compile]         (bench_serve.py)
+    python bench.py serve [--model DIR] [--quantize int8|int4] [--steps 64]      (bench_serve.py)
+    python bench.py tts [--model DIR] [--quantize int8|int4] [--compile]         (bench_serve.py)
 """
 
 import argparse
@@ -364,15 +364,14 @@ def bench_decode(args) -> dict:
     for dtype in dtypes:  # each dtype: official, ours, ours compiled
         if not args.no_official:
             makers.append(lambda dtype=dtype: _Official(folder, device, dtype, args.context))
-        if not args.int8_only:
+        if not args.quantized_only:
             makers.append(lambda dtype=dtype: _Ours(folder, device, dtype, args.context))
-        if args.compile and not args.int8_only:
+        if args.compile and not args.quantized_only:
             makers.append(lambda dtype=dtype: _Ours(folder, device, dtype, args.context, compile=True))
-    if args.quantize:  # in the last dtype (the int8 matmuls themselves take bf16 activations on a CPU)
-        makers.append(lambda: _Ours(folder, device, dtypes[-1], args.context, quantize=args.quantize))
+    for q in args.quantize or ():  # in the last dtype (the quantized matmuls take bf16 activations on a CPU)
+        makers.append(lambda q=q: _Ours(folder, device, dtypes[-1], args.context, quantize=q))
         if args.compile:
-            makers.append(lambda: _Ours(folder, device, dtypes[-1], args.context, compile=True,
-                                        quantize=args.quantize))
+            makers.append(lambda q=q: _Ours(folder, device, dtypes[-1], args.context, compile=True, quantize=q))
     with open("/tmp/lfm2audio-bigmem.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # full-size models: one big-memory job on the machine at a time
         bandwidth = [_matvec_bandwidth(device)]
@@ -397,7 +396,7 @@ def bench_decode(args) -> dict:
     ref_items = runs[next(iter(runs))][0]["items"]
     # greedy items are equal only at equal precision: the float32 runs must agree exactly; the others are
     # reported by how many leading items they share with the first run (bench.py accuracy measures them)
-    exact = [n for n in runs if "bf16" not in n and "int8" not in n]
+    exact = [n for n in runs if not any(s in n for s in ("bf16", "int8", "int4"))]
     same = all(r["items"] == ref_items for n in exact for r in runs[n])
 
     def prefix(items):  # leading items equal to the first run's, TTS and chat together
@@ -615,7 +614,7 @@ def bench_vocoder(args) -> dict:
     return result
 
 
-# ---- accuracy: bf16 and int8 against float32, teacher-forced ----
+# ---- accuracy: bf16, int8 and int4 against float32, teacher-forced ----
 
 MARGIN = 0.01  # a decision counts when float32's top-2 logit margin is above this fraction of its logit std
 ACCURACY_TASKS = ("chat", "tts")
@@ -744,12 +743,19 @@ def _own_choices(run: dict, items: dict) -> dict:
     return agreement(run, run) | {"own_choices": greedy == chosen}
 
 
-def replay_ours(**load_kw):
-    """replay(folder, items) through our model loaded with `load_kw` (from_pretrained's arguments)."""
+def replay_ours(int4_group=None, **load_kw):
+    """replay(folder, items) through our model loaded with `load_kw` (from_pretrained's arguments); int4 layers
+    in groups of `int4_group` inputs instead of quantize.INT4_GROUP, to measure the choice."""
     def replay(folder, items):
+        import quantize
         from lfm2audio import LFM2Audio
 
-        return _replay(LFM2Audio.from_pretrained(folder, max_seq_len=1024, **load_kw), items)
+        chosen, quantize.INT4_GROUP = quantize.INT4_GROUP, int4_group or quantize.INT4_GROUP
+        try:
+            model = LFM2Audio.from_pretrained(folder, max_seq_len=1024, **load_kw)
+        finally:
+            quantize.INT4_GROUP = chosen
+        return _replay(model, items)
     return replay
 
 
@@ -780,21 +786,44 @@ def _replay(model, items) -> dict:
     return {k: [x for r in runs for x in r[k]] for k in ("logits", "hidden")}
 
 
-def bench_accuracy(args) -> dict:
-    """Agreement of bf16 and int8 with float32, teacher-forced over the same greedy decisions (text tokens and
-    every codebook of audio frames), and the relative error of logits and hidden states."""
+def accuracy_variants() -> dict:
+    """{name: (replay, reference)} of bench.py accuracy. int8 and int8-fp32: int8 in a bf16 and in a float32 model
+    (the int8 matmuls take bf16 inputs either way); int4: the chosen mix (quantize.MIXES), int4-PART: PART alone
+    in 4 bits, the rest int8; int4-gN: the mix in groups of N; the official package in bf16 against its own
+    float32 replay: what its numerics reach on the same items."""
     import torch
 
+    import quantize
+
+    bf16 = torch.bfloat16
+    variants = {"bfloat16": (replay_ours(dtype=bf16), "float32"),
+                "int8": (replay_ours(dtype=bf16, quantize="int8"), "float32"),
+                "int8-fp32": (replay_ours(dtype=torch.float32, quantize="int8"), "float32")}
+    for scheme in quantize.SCHEMES[1:]:
+        variants[scheme] = (replay_ours(dtype=bf16, quantize=scheme), "float32")
+    for group in (32, 64, 128, 256):
+        variants[f"int4-g{group}"] = (replay_ours(dtype=bf16, quantize="int4", int4_group=group), "float32")
+    variants["official-float32"] = (replay_official(torch.float32), "float32")
+    variants["official-bfloat16"] = (replay_official(bf16), "official-float32")
+    return variants
+
+
+ACCURACY_DEFAULT = ("bfloat16", "int8", "int4", "official-float32", "official-bfloat16")
+
+
+def bench_accuracy(args) -> dict:
+    """Agreement of bf16, int8 and int4 with float32, teacher-forced over the same greedy decisions (text tokens
+    and every codebook of audio frames), and the relative error of logits and hidden states."""
     from fixtures import FULL_CONFIG, cached_checkpoint
 
     folder = Path(args.model) if args.model else cached_checkpoint(FULL_CONFIG, 0)
-    # int8 in a float32 model: the int8 matmuls still take bf16 inputs, everything else stays float32.
-    # The official package in bf16 against its own float32 replay: what its numerics reach on the same items.
-    variants = {"bfloat16": (replay_ours(dtype=torch.bfloat16), "float32"),
-                "int8": (replay_ours(dtype=torch.bfloat16, quantize="int8"), "float32"),
-                "int8-fp32": (replay_ours(dtype=torch.float32, quantize="int8"), "float32"),
-                "official-float32": (replay_official(torch.float32), "float32"),
-                "official-bfloat16": (replay_official(torch.bfloat16), "official-float32")}
+    every = accuracy_variants()
+    names = args.variants or ACCURACY_DEFAULT
+    for name in names:
+        if name not in every:
+            sys.exit(f"error: unknown variant {name!r} (one of {', '.join(every)})")
+    # a reference replays before what is compared with it
+    variants = {n: every[n] for n in every if n in names or any(every[m][1] == n for m in names)}
     with open("/tmp/lfm2audio-bigmem.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         res = measure_accuracy(folder, args.steps, variants)
@@ -811,6 +840,8 @@ def bench_accuracy(args) -> dict:
 
 
 def main(argv=None):
+    import quantize
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="bench", required=True)
     p = sub.add_parser("tokenizer", help=bench_tokenizer.__doc__)
@@ -824,8 +855,10 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
                    help="one or more: official and ours run in each")
-    p.add_argument("--quantize", choices=["int8"], help="also ours with int8 weights, in the last --dtype")
-    p.add_argument("--int8-only", action="store_true",
+    p.add_argument("--quantize", nargs="+", choices=quantize.SCHEMES, metavar="SCHEME",
+                   help="also ours with quantized weights, each scheme (int8, int4, or int4-PART: PART alone in 4 "
+                        "bits), in the last --dtype")
+    p.add_argument("--quantized-only", action="store_true",
                    help="ours only with --quantize, eager (and compiled with --compile); the official in each dtype")
     p.add_argument("--steps", type=int, default=48, help="greedy backbone steps per generation")
     p.add_argument("--context", type=int, default=4096, help="our static cache length (run.py's default)")
@@ -850,6 +883,9 @@ def main(argv=None):
     p = sub.add_parser("accuracy", help=bench_accuracy.__doc__)
     p.add_argument("--model", help="checkpoint folder (default: the full-size random-weight test fixture)")
     p.add_argument("--steps", type=int, default=48, help="greedy backbone steps per task")
+    p.add_argument("--variants", nargs="+", metavar="NAME",
+                   help=f"what to compare with float32 (default: {' '.join(ACCURACY_DEFAULT)}; also int8-fp32, "
+                        "int4-backbone, int4-depthformer, int4-heads, int4-g32, int4-g64, int4-g128, int4-g256)")
     p.set_defaults(fn=bench_accuracy)
     import bench_serve
     bench_serve.add_parsers(sub)

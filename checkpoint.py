@@ -64,7 +64,7 @@ def load_state(model: LFM2Audio, state: dict[str, torch.Tensor], name: str = "ch
 def load(folder: str | Path, device="cpu", dtype=torch.float32, max_seq_len: int = 4096,
          quantize: str | None = None) -> LFM2Audio:
     """The model of a checkpoint folder (or repo id), cast to `dtype` on `device`, with caches for `max_seq_len`
-    positions; `quantize` "int8": quantize.py."""
+    positions; `quantize` "int8" or "int4": quantize.py."""
     folder = checkpoint_folder(folder)
     cfg = read_config(folder / "config.json")
     weights, tok = folder / "model.safetensors", folder / "tokenizer.json"

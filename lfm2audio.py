@@ -553,7 +553,7 @@ class LFM2Audio(nn.Module):
     def from_pretrained(cls, folder: str | Path, device="cpu", dtype=torch.float32, max_seq_len: int = 4096,
                         quantize: str | None = None) -> "LFM2Audio":
         """A checkpoint folder or Hugging Face repo id, loaded on `device` in `dtype`, with caches for
-        `max_seq_len` positions (checkpoint.load); `quantize` "int8": quantize.py."""
+        `max_seq_len` positions (checkpoint.load); `quantize` "int8" or "int4": quantize.py."""
         import checkpoint
         return checkpoint.load(folder, device, dtype, max_seq_len, quantize)
 

@@ -31,9 +31,10 @@ def model_options(p: argparse.ArgumentParser):
     p.add_argument("--dtype", default="auto", choices=["auto", *tasks.DTYPES],
                    help="model dtype (auto: bfloat16 on cuda and on CPUs with native bf16, AVX512-BF16 or AMX; "
                         "float32 elsewhere); the audio decoder always runs in float32")
-    p.add_argument("--quantize", choices=["int8"],
-                   help="int8 weight-only quantization of the decoder's linear layers (about 1.5 GB of weights; "
-                        "on a CPU the fastest setting)")
+    p.add_argument("--quantize", choices=["int8", "int4"],
+                   help="weight-only quantization of the decoder's linear layers: int8 (about 1.5 GB of weights, "
+                        "close to bf16's accuracy) or int4 (about 0.8 GB, the fastest on a CPU, less accurate; "
+                        "cpu and cuda only)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode path at load (CUDA graphs on cuda): minutes more to load the first "
                         "time, less later (torch's disk cache); faster steps for long answers")

@@ -1,10 +1,12 @@
-"""Weight-only int8 for the decoder's linear layers, as module swaps: the model classes know nothing of it.
+"""Weight-only int8 and int4 for the decoder's linear layers, as module swaps: the model classes know nothing of it.
 
     model = LFM2Audio.from_pretrained(folder, dtype=torch.bfloat16, quantize="int8")   # calls load_quantized
 
-gpt-fast's scheme: symmetric int8 weights, one scale per output channel, activations left as they are. Decoding
-reads every weight once per step, so a quarter of fp32's bytes is the whole speed-up. The float file is read
-tensor by tensor and each weight quantized as it arrives, so the float model never exists in memory.
+int8 is gpt-fast's scheme: symmetric int8 weights, one scale per output channel, activations left as they are.
+int4 is gpt-fast's too: asymmetric 4-bit weights, a scale and a zero per group of INT4_GROUP inputs, bf16
+activations, through torch's weight-only int4 kernels (tinygemm on CUDA). Decoding reads every weight once per step,
+so the bytes are the speed. "int4" puts the parts named in MIXES in 4 bits and leaves the rest int8. The float file
+is read tensor by tensor and each weight quantized as it arrives, so the float model never exists in memory.
 """
 
 import json
@@ -18,7 +20,14 @@ from torch import nn
 
 import checkpoint
 
-SCHEMES = ("int8",)
+# the linear layers of each part (names start with these), and the parts each scheme puts in 4 bits (the rest int8);
+# "int4-PART" puts PART alone in 4 bits (bench.py accuracy measures each part so)
+PARTS = {"backbone": ("lfm.layers.",), "depthformer": ("depth_linear", "depthformer."),
+         "heads": ("text_head", "depth_embeddings.")}
+MIXES = {"int8": (), "int4": ("backbone", "depthformer", "heads")}
+SCHEMES = (*MIXES, *(f"int4-{part}" for part in PARTS))
+INT4_GROUP = 128  # inputs per int4 scale and zero: chosen by bench.py accuracy and speed (BENCHMARKS.md)
+INT4_ROWS = 16  # the int4 kernels take a multiple of this many output rows: the codebook heads' 2049 are padded
 INT8_ROWS = 4096  # rows quantized at a time: the fp32 temporaries of a 65536-row table would be ~1 GB
 FOLD_K = (2048, 4096)  # on the CPU, int8 rows of K in [2048, 4096) bytes are stored in pairs (see Int8Linear)
 FOLD_MAX_ROWS = 16  # inputs of up to this many rows multiply folded weights directly (see Int8Linear)
@@ -102,6 +111,73 @@ def int8_from(weight: torch.Tensor, bias: torch.Tensor | None, device) -> Int8Li
     return layer
 
 
+def int4_groupwise(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w [N, K] float -> (q [N, K] int32 in 0..15, scales [N, K/group], zeros [N, K/group]) with
+    w ~= (q - 8) * scale + zero in each group: its minimum and maximum map onto 0 and 15."""
+    g = w.float().unflatten(1, (-1, group))  # [N, K/group, group]
+    lo, hi = g.amin(-1), g.amax(-1)
+    scales = ((hi - lo) / 15).clamp(min=1e-6)  # a constant group gets a finite scale
+    q = ((g - lo[..., None]) / scales[..., None]).round().clamp(0, 15).to(torch.int32).flatten(1)
+    return q, scales, lo + 8 * scales
+
+
+class Int4Linear(nn.Module):
+    """y = x @ dequantized(W).T (+ bias), W in 4 bits with a bf16 scale and zero per group of `group` inputs,
+    packed for the device's kernel: `_weight_int4pack_mm_for_cpu` on the CPU, tinygemm's `_weight_int4pack_mm` on
+    CUDA (their layouts differ). Rows are padded to a multiple of INT4_ROWS; the padding is cut off the output."""
+
+    def __init__(self, out_features: int, in_features: int, group: int, device, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.out_features, self.group, self.cpu = out_features, group, torch.device(device).type == "cpu"
+        if not self.cpu and torch.device(device).type != "cuda":
+            raise ValueError(f"int4 runs on cpu and cuda, not {device} (int8 runs anywhere)")
+        n = -(-out_features // INT4_ROWS) * INT4_ROWS
+        packed = (n, in_features // 2) if self.cpu else (n // 8, in_features // 128, 32, 4)  # CUDA: 8 inner k-tiles
+        self.register_buffer("weight", torch.empty(packed, dtype=torch.uint8 if self.cpu else torch.int32))
+        self.register_buffer("scales_and_zeros", torch.empty(in_features // group, n, 2, dtype=torch.bfloat16))
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def load_float(self, w: torch.Tensor):
+        """Quantize float weights w [N, K] into this layer, INT8_ROWS rows at a time (bounds the temporaries)."""
+        w = F.pad(w, (0, 0, 0, self.scales_and_zeros.shape[1] - w.shape[0]))
+        packed = []
+        for i in range(0, w.shape[0], INT8_ROWS):
+            q, scales, zeros = int4_groupwise(w[i:i + INT8_ROWS], self.group)
+            if self.cpu:
+                packed.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
+            else:  # two 4-bit values a byte, the even input in the high half, then tinygemm's tiled layout
+                pairs = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
+                packed.append(torch.ops.aten._convert_weight_to_int4pack(pairs, 8))
+            self.scales_and_zeros[:, i:i + INT8_ROWS] = torch.stack([scales, zeros], -1).transpose(0, 1)
+        self.weight.copy_(torch.cat(packed).view(self.weight.shape))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., K] -> [..., N]
+        x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)  # the kernels take 2-D bf16 input only
+        mm = torch.ops.aten._weight_int4pack_mm_for_cpu if self.cpu else torch.ops.aten._weight_int4pack_mm
+        y = mm(x2, self.weight, self.group, self.scales_and_zeros)[:, :self.out_features]
+        y = y.view(*x.shape[:-1], -1)
+        if self.bias is not None:
+            y = y + self.bias
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+def int4_from(weight: torch.Tensor, bias: torch.Tensor | None, device, group: int | None = None) -> Int4Linear:
+    """An Int4Linear for `weight` [N, K] laid out for `device` (only its shape when `weight` is on the meta device),
+    in groups of `group` inputs (INT4_GROUP unless given)."""
+    with torch.device(weight.device):
+        layer = Int4Linear(*weight.shape, group or INT4_GROUP, device, bias)
+    if weight.device.type != "meta":
+        with torch.no_grad():
+            layer.load_float(weight)
+    return layer
+
+
+def int4_parts(scheme: str) -> tuple[str, ...]:
+    if scheme not in SCHEMES:
+        raise ValueError(f"quantize must be None or one of {', '.join(map(repr, SCHEMES))}, got {scheme!r}")
+    return MIXES.get(scheme, (scheme.removeprefix("int4-"),))
+
+
 def quantizable(model, name: str) -> bool:
     """The linear layers decoding reads: the backbone blocks, depth_linear, the depthformer, the text head and
     the tied codebook heads (their float tables stay, for exact_top). The embeddings, norms, the encoder and
@@ -114,10 +190,12 @@ def quantizable(model, name: str) -> bool:
 def quantize(model, device, scheme: str = "int8"):
     """Swap the quantizable linear layers of `model` for quantized ones laid out for `device`, quantizing their
     weights (on the meta device: only the shapes)."""
+    four = tuple(prefix for part in int4_parts(scheme) for prefix in PARTS[part])
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and quantizable(model, name):
             owner, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(owner), attr, int8_from(module.weight, module.bias, device))
+            make = int4_from if name.startswith(four) else int8_from
+            setattr(model.get_submodule(owner), attr, make(module.weight, module.bias, device))
     return model
 
 
@@ -143,8 +221,7 @@ def read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
 def load_quantized(model, weights: Path, device, scheme: str = "int8"):
     """`model` (float, on the meta device) filled from the safetensors file `weights`, its quantizable linears
     quantized as each tensor is read: peak memory is the quantized model plus one float tensor."""
-    if scheme not in SCHEMES:
-        raise ValueError(f"quantize must be None or one of {', '.join(map(repr, SCHEMES))}, got {scheme!r}")
+    int4_parts(scheme)  # an unknown scheme fails before anything is read
     try:
         with safe_open(str(weights), framework="pt") as f:  # the header only
             shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
@@ -166,7 +243,7 @@ def load_quantized(model, weights: Path, device, scheme: str = "int8"):
             for target in targets.get(name, []):
                 owner, _, attr = target.rpartition(".")
                 module = model.get_submodule(owner)
-                if isinstance(module, Int8Linear) and attr == "weight":
+                if isinstance(module, (Int8Linear, Int4Linear)) and attr == "weight":
                     module.load_float(tensor)
                 else:
                     getattr(module, attr).copy_(tensor)

@@ -112,13 +112,14 @@ def test_run_tts_int8(tiny_ckpt, tmp_path):
     assert (tmp_path / "a.json").is_file() and (tmp_path / "a.wav").is_file()
 
 
-def test_run_compiled_int8_equals_eager(tiny_ckpt, tmp_path):
-    """run.py --compile --quantize int8 (compiled at load by a warm-up step, on the CPU): the same TTS codes
-    as eager int8, greedy; the warm-up's writes to the caches do not leak into the answer."""
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_run_compiled_quantized_equals_eager(tiny_ckpt, tmp_path, scheme):
+    """run.py --compile --quantize int8 / int4 (compiled at load by a warm-up step, on the CPU): the same TTS
+    codes as eager, greedy; the warm-up's writes to the caches do not leak into the answer."""
     codes = {}
     for extra in ([], ["--compile"]):
         out = tmp_path / f"codes{len(extra)}.json"
-        r = run_cli(["--model", tiny_ckpt, "--mode", "tts", "--text", "Hello there", "--quantize", "int8",
+        r = run_cli(["--model", tiny_ckpt, "--mode", "tts", "--text", "Hello there", "--quantize", scheme,
                       "--greedy", "--max-new-tokens", "40", "--out", tmp_path / f"a{len(extra)}.wav",
                       "--codes-out", out, *extra], tmp_path, dtype="bfloat16")
         assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
@@ -133,7 +134,7 @@ def test_run_int8_bad_input(tiny_ckpt, tmp_path):
     data = (broken / "model.safetensors").read_bytes()
     (broken / "model.safetensors").write_bytes(data[:len(data) - 1000])
     for args, expect in [(["--model", broken, "--quantize", "int8"], "unreadable safetensors file"),
-                         (["--model", tiny_ckpt, "--quantize", "int4"], "invalid choice: 'int4'")]:
+                         (["--model", tiny_ckpt, "--quantize", "int3"], "invalid choice: 'int3'")]:
         r = run_cli([*args, "--text", "hi"], tmp_path, dtype=None)
         lines = r.stderr.strip().splitlines()
         assert r.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], \
