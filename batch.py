@@ -78,6 +78,7 @@ class Batch:
         self.prefills = model.prefills  # the model's count after our own writes: more means someone else wrote
         self.h = w.new_zeros(rows, w.shape[1])  # [B, D]: each row's last hidden state
         self.pos = torch.zeros(rows, 1, dtype=torch.long, device=w.device)  # [B, 1]: where its next input goes
+        self.pending: tuple | None = None  # (inputs [B, 1, D], {row: key}) of the backbone step the next step runs
 
     @property
     def busy(self) -> bool:
@@ -103,9 +104,12 @@ class Batch:
 
     @torch.no_grad()
     def step(self) -> list[tuple[Sequence, tuple | None, bool]]:
-        """Admit waiting sequences into free rows (each prefilled alone, the others wait), then one step for all
-        rows: the text head and/or the depthformer over every row (a free row computes along, unused: fixed
-        shapes), one host sync, and a backbone step. Returns (sequence, item or None, over) per running row."""
+        """The backbone step over the items of the last step, then: admit waiting sequences into free rows (each
+        prefilled alone, the others wait) and one step of the heads for all rows: the text head and/or the
+        depthformer over every row (a free row computes along, unused: fixed shapes), one host sync. Returns
+        (sequence, item or None, over) per running row: an item leaves as soon as it is drawn, and the backbone
+        reads it at the start of the next step."""
+        self._feed_pending()
         events = [(seq, None, True) for seq in self._retire_cancelled()]
         self._admit()
         live = [r for r in range(self.rows) if self.running[r] is not None]
@@ -131,12 +135,19 @@ class Batch:
             else:
                 fed[r] = key
             events.append((seq, item if emit else None, seq.finish is not None))
-        if fed:
-            self.h = self.model.decode_one(x, self.pos)
-            for r, key in fed.items():
-                self.held[r].append(key)
-                self.pos[r] += 1
+        self.pending = (x, fed) if fed else None
         return events
+
+    def _feed_pending(self):
+        """The backbone step over every row (one input each, at its position) for the items the last step drew."""
+        if self.pending is None:
+            return
+        x, fed = self.pending
+        self.pending = None
+        self.h = self.model.decode_one(x, self.pos)
+        for r, key in fed.items():
+            self.held[r].append(key)
+            self.pos[r] += 1
 
     def _sampling(self, kind: str, rows: list[int]):
         """(temperature, top_k) for the rows that need this head: their one setting when they share it (a

@@ -1,12 +1,14 @@
 """The server's decoding thread: one Batch, fed by requests from any thread, stepped while there is work.
 
     engine = Engine(model, rows=4); engine.start()
-    items = engine.submit(seq := Sequence(chat, "interleaved"))   # ValueError if it cannot fit the context
-    for item in items: ...                    # its items as they are generated; seq.finish says how it ended
+    items = engine.submit(seq := Sequence(chat, "interleaved"), vocoder)   # ValueError if it cannot fit the context
+    for item in items: ...          # its items as they are generated, and ("wave", samples) with a vocoder
 
 Every request is a Sequence in a cache row; each step decodes all rows at once, a request that arrives joins at the
-next step, one that ends (or is cancelled: a client that went away) frees its row. If a step fails, the sequences
-in the batch are ended with the error and a fresh batch goes on.
+next step, one that ends (or is cancelled: a client that went away) frees its row. Sound is decoded here too, right
+after the step that completes it (tasks.Sound): all the model's work runs on this one thread, so that two threads
+never split the CPU's cores between them (each torch call would use them all). If a step fails, the sequences in
+the batch are ended with the error and a fresh batch goes on.
 """
 
 import queue
@@ -14,6 +16,7 @@ import threading
 import traceback
 
 from batch import Batch, Sequence
+from tasks import Sound
 
 END = object()  # the last event of a sequence's queue
 
@@ -23,6 +26,7 @@ class Engine:
         self.model, self.rows = model, rows
         self.batch = Batch(model, rows)
         self.queues: dict[Sequence, queue.Queue] = {}
+        self.sounds: dict[Sequence, Sound] = {}
         self.wake, self.stopping = threading.Event(), False
         self.lock = threading.Lock()  # a submit does not add to a batch that a failed step is replacing
         self.thread = threading.Thread(target=self._loop, name="engine", daemon=True)
@@ -37,12 +41,16 @@ class Engine:
         self.wake.set()
         self.thread.join(timeout=60)
 
-    def submit(self, seq: Sequence):
+    def submit(self, seq: Sequence, vocoder=None, decode_frames: int = 1):
         """Queue `seq` (ValueError if it cannot fit the context); returns an iterator over its items as they come,
-        which raises what a failed step raised."""
+        each followed by the sound it completes when given a vocoder (tasks.respond's stream), which raises what
+        a failed step raised."""
+        sound = Sound(vocoder, decode_frames) if vocoder is not None else None
         with self.lock:
             self.batch.add(seq)
             self.queues[seq] = q = queue.Queue()
+            if sound is not None:
+                self.sounds[seq] = sound
         self.wake.set()
         return self._items(q)
 
@@ -68,12 +76,25 @@ class Engine:
                     traceback.print_exc()
                     self._fail(e)
                     continue
-                for seq, item, over in events:
-                    if item is not None:
-                        self.queues[seq].put(item)
-                    if over:
-                        self.queues.pop(seq).put(END)
+                try:
+                    for seq, item, over in events:
+                        self._deliver(seq, item, over)
+                except Exception as e:  # noqa: BLE001  (a failed decode of sound)
+                    traceback.print_exc()
+                    self._fail(e)
         self._end_all(RuntimeError("the server is stopping"))
+
+    def _deliver(self, seq: Sequence, item, over: bool):
+        q, sound = self.queues[seq], self.sounds.get(seq)
+        if item is not None:
+            q.put(item)
+            for wave in sound.push(*item) if sound else ():
+                q.put(("wave", wave))
+        if over:
+            for wave in sound.close() if sound and seq.finish != "cancelled" else ():
+                q.put(("wave", wave))
+            self.sounds.pop(seq, None)
+            self.queues.pop(seq).put(END)
 
     def _fail(self, error: Exception):
         with self.lock:
@@ -81,8 +102,8 @@ class Engine:
             self.batch = Batch(self.model, self.rows)
 
     def _end_all(self, error: Exception):
-        for seq in [*self.batch.running, *self.batch.waiting]:
-            if seq is not None and seq in self.queues:
-                seq.finish = "error"
-                self.queues[seq].put(error)
-                self.queues.pop(seq).put(END)
+        for seq in [*self.queues]:
+            seq.finish = seq.finish or "error"
+            self.sounds.pop(seq, None)
+            self.queues[seq].put(error)
+            self.queues.pop(seq).put(END)

@@ -166,23 +166,24 @@ class Handler(BaseHTTPRequestHandler):
         except OSError:
             return True
 
-    def _items(self, seq: Sequence, items, vocoder=None):
-        """A submitted sequence's items, with their sound when given a vocoder (tasks.respond), as they come; a
-        client that goes away cancels it (its row is freed at the next step)."""
+    def _items(self, seq: Sequence, vocoder=None):
+        """Submit `seq` now (a 400 if it cannot fit the context): its items, with their sound when given a vocoder
+        (tasks.respond's stream), as they come."""
         try:
-            for event in tasks.respond(items, vocoder, run.DECODE_FRAMES):
+            return self._watch(seq, self.server.engine.submit(seq, vocoder, run.DECODE_FRAMES))
+        except ValueError as e:
+            raise bad(tasks.one_line(e), code="context_length_exceeded") from None
+
+    def _watch(self, seq: Sequence, items):
+        """`items` as they come; a client that goes away cancels its sequence (its row is freed at the next step)."""
+        try:
+            for event in items:
                 if self._gone():
                     raise ClientGone()
                 yield event
         finally:
             if seq.finish is None:
                 seq.cancel()
-
-    def _submit(self, seq: Sequence):
-        try:
-            return self.server.engine.submit(seq)
-        except ValueError as e:
-            raise bad(tasks.one_line(e), code="context_length_exceeded") from None
 
     # -- routes --
 
@@ -220,7 +221,7 @@ class Handler(BaseHTTPRequestHandler):
         max_new = api.max_tokens(body, len(chat), s.model.lfm.max_seq_len, s.max_new_tokens)
         seed = field(body, "seed", int)
         seq = Sequence(chat, "interleaved", max_new, api.sampling(body, s.sampling["chat"]), seed=seed)
-        events = self._items(seq, self._submit(seq), s.vocoder if spoken else None)
+        events = self._items(seq, s.vocoder if spoken else None)
         (self._chat_stream if stream else self._chat_whole)(body, chat, seq, events, spoken, fmt)
 
     def _chat_whole(self, body, chat, seq, events, spoken, fmt):
@@ -282,7 +283,7 @@ class Handler(BaseHTTPRequestHandler):
         tasks.add_user_turn(chat, None, text)
         max_new = api.max_tokens({}, len(chat), s.model.lfm.max_seq_len, s.max_new_tokens)
         seq = Sequence(chat, "sequential", max_new, s.sampling["tts"])
-        events = self._items(seq, self._submit(seq), s.vocoder)
+        events = self._items(seq, s.vocoder)
         if fmt == "flac" and not sse:  # a flac header needs the length: sent whole
             waves = [v.cpu() for k, v in events if k == "wave"]
             return self._send(api.encode(torch.cat(waves) if waves else torch.zeros(0), "flac"), "audio/flac")
@@ -321,7 +322,7 @@ class Handler(BaseHTTPRequestHandler):
         longest = max((len(c.chat) for c in todo), default=0)
         max_new = api.max_tokens({}, longest, s.model.lfm.max_seq_len, s.max_new_tokens)
         seqs = {id(c): Sequence(c.chat, "sequential", max_new, s.sampling["asr"]) for c in todo}
-        events = {key: self._items(seq, self._submit(seq)) for key, seq in seqs.items()}
+        events = {key: self._items(seq) for key, seq in seqs.items()}
         if stream:
             self._start_stream("text/event-stream")
         texts = []
