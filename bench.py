@@ -9,6 +9,7 @@ JSON line (so that results can be collected by a script).
     python bench.py vocoder [--model DIR] [--device cpu] [--frames 150] [--rounds 3]
     python bench.py serve [--model DIR] [--quantize int8|int4] [--steps 64]      (bench_serve.py)
     python bench.py tts [--model DIR] [--quantize int8|int4] [--compile]         (bench_serve.py)
+    python bench.py page [--model DIR] [--quantize int8] [--rounds 3]           (bench_page.py)
 """
 
 import argparse
@@ -887,8 +888,10 @@ def main(argv=None):
                    help=f"what to compare with float32 (default: {' '.join(ACCURACY_DEFAULT)}; also int8-fp32, "
                         "int4-backbone, int4-depthformer, int4-heads, int4-g32, int4-g64, int4-g128, int4-g256)")
     p.set_defaults(fn=bench_accuracy)
+    import bench_page
     import bench_serve
     bench_serve.add_parsers(sub)
+    bench_page.add_parser(sub)
     args = parser.parse_args(argv)
     return args.fn(args)
 

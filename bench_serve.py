@@ -1,5 +1,5 @@
-"""Benchmarks of whole processes: the server (`python bench.py serve`), the page (`python bench.py page`) and a
-run.py TTS answer with its peak memory (`python bench.py tts`). Each prints a table and one JSON line.
+"""Benchmarks of whole processes: the server (`python bench.py serve`) and a run.py TTS answer with its peak
+memory (`python bench.py tts`); the page's latency is bench_page.py's. Each prints a table and one JSON line.
 
 By default on the full-size random-weight checkpoint, greedy (so that every side does the same work).
 """
