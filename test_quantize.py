@@ -128,7 +128,7 @@ def test_int8_teacher_forced_tiny(tiny_ckpt):
     assert res["bfloat16"]["agreement"] >= 0.95 and res["int8"]["agreement"] >= 0.95, res
 
 
-AGREEMENT_FLOOR = {"bfloat16": 0.975, "int8": 0.95}
+AGREEMENT_FLOOR = {"bfloat16": 0.985, "int8": 0.955}  # measured at 32 steps: 0.9948 and 0.9662 (of 385)
 
 
 @pytest.mark.full_size
