@@ -1466,7 +1466,10 @@ def test_chat_run_py_drop_old_turns(tiny_ckpt, official_tiny, tmp_path, monkeypa
     and the chat goes on. Each turn's history is the official one without exactly the fewest oldest exchanges
     that leave room for a whole answer (or all but the latest user turn), and its answer equals the official
     chat's on it."""
-    turns = CHAT_TURNS + [("audio", "question.wav"), ("text", "Thanks!")]
+    # turns 4 and 5 forget one exchange each and keep the others (exchanges kept from [0, 0, 0, 1, 2, 5]); asr.wav,
+    # last, is so long that every older exchange goes
+    turns = [CHAT_TURNS[0], CHAT_TURNS[1], CHAT_TURNS[3], ("audio", "question.wav"), ("text", "Thanks!"),
+             CHAT_TURNS[2]]
     context, max_new = 300, 40
     calls = _chat_run_py(["--model", tiny_ckpt, "--max-new-tokens", max_new, "--context", context,
                           "--drop-old-turns", "--codes-out", tmp_path / "codes.json", "--out",
@@ -1489,6 +1492,8 @@ def test_chat_run_py_drop_old_turns(tiny_ckpt, official_tiny, tmp_path, monkeypa
         assert answers[-1] == official_generate(off, ochat, "interleaved", min(max_new, room)), f"turn {t + 1}"
         kept.append(first)
     assert kept[-1] > 0 and min(kept) == 0, f"exchanges kept from: {kept}"
+    # a turn that forgot some exchanges and kept others: there one forgotten too many changes the history
+    assert any(kept[t - 1] < kept[t] < t for t in range(1, len(turns))), f"exchanges kept from: {kept}"
     assert [start for start, _ in calls].count(0) == 1 + len(set(kept) - {0}), calls
 
 
