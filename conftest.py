@@ -2,7 +2,8 @@
 the helpers the test files share.
 
 Without the official package the parity tests skip, except where LFM2AUDIO_REQUIRE_REFERENCE=1 or CI=true (as
-`.ci/run` sets): there a missing reference fails, and so does a run in which any test was skipped.
+`.ci/run` sets): there a missing reference fails, and so does a run in which any test was skipped, deselected or
+marked xfail, or a test file was left out.
 """
 
 import os
@@ -43,12 +44,37 @@ def pytest_configure(config):
                                        "CI runs everything")
 
 
+_ran = {"files": set(), "skipped": 0, "deselected": 0, "marked xfail": 0}  # counted here, not by a plugin
+
+
+def pytest_collection_finish(session):
+    _ran["files"].update(Path(str(item.path)).name for item in session.items)
+
+
+def pytest_deselected(items):
+    _ran["deselected"] += len(items)
+
+
+def pytest_runtest_logreport(report):
+    if hasattr(report, "wasxfail"):  # xfailed or xpassed
+        if report.when == "call" or report.skipped:
+            _ran["marked xfail"] += 1
+    elif report.skipped:
+        _ran["skipped"] += 1
+
+
 def pytest_sessionfinish(session, exitstatus):
-    """In CI a skipped test is a failed run: a parity test that does not run checks nothing."""
-    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-    skipped = len(reporter.stats.get("skipped", [])) if reporter else 0
-    if REQUIRE_REFERENCE and skipped and exitstatus == 0:
-        reporter.write_line(f"error: {skipped} test(s) skipped; CI runs every test", red=True)
+    """In CI every test runs: a skipped test is a failed run (a parity test that does not run checks nothing), and
+    so is one that selected, deselected or left out tests in a way the README's test line cannot show (`-k`, `-m`,
+    `--deselect`, `--ignore` in addopts, an xfail marker)."""
+    if not REQUIRE_REFERENCE or exitstatus != 0:
+        return
+    problems = [f"{n} test(s) {kind}" for kind, n in _ran.items() if kind != "files" and n]
+    missing = sorted({p.name for p in ROOT.glob("test_*.py")} - _ran["files"])
+    if missing:
+        problems.append(f"test files not run: {', '.join(missing)}")
+    if problems:
+        print(f"\nerror: {'; '.join(problems)}; CI runs every test", file=sys.stderr)
         session.exitstatus = 1
 
 

@@ -251,7 +251,9 @@ def test_run_audio_writer_streams(tiny_ckpt, tmp_path):
     writer.close()
     data, _ = sf.read(str(tmp_path / "a.wav"), dtype="float32")
     ref = decoder.decode(codes.T[None])[0, 0].numpy()
-    assert np.abs(data - ref).max() <= 1e-5  # streaming == whole sequence, as the Mimi streaming test holds
+    # streaming == whole sequence within 1e-5, as the Mimi streaming test holds (measured 1.1e-6, peak 1.16)
+    err = np.abs(data - ref).max()
+    assert err <= 1e-5, f"streamed file vs whole-sequence decode: max abs diff {err:.2e} > 1e-5"
 
 
 def test_run_error_bad_audio(tmp_path):
