@@ -65,7 +65,8 @@ from fixtures import (
 )
 from lfm2audio import Sampling
 from mimi import CARDINALITY, FRAME_SIZE, Mimi, N_CODEBOOKS
-from tokenizer import Tokenizer, _Splitter
+from pretokenizer import Splitter
+from tokenizer import Tokenizer
 
 
 # ====================================================================================================
@@ -264,7 +265,7 @@ def test_tokenizer_split_all_of_unicode():
     """The Split regex (\\p{L}, \\p{N}, \\s, (?i:'s)) splits text holding every code point like Oniguruma."""
     from tokenizers import Regex, pre_tokenizers
     theirs = pre_tokenizers.Split(Regex(LFM2_SPLIT), behavior="isolated")
-    ours = _Splitter(LFM2_SPLIT, "Isolated")
+    ours = Splitter(LFM2_SPLIT, "Isolated")
     # every code point of the planes where characters are assigned (0-3, 14); a sample of the others
     # (unassigned and private use); surrogates cannot be in a str that `tokenizers` accepts
     cps = [c for c in range(0x110000) if not 0xD800 <= c < 0xE000 and (c >> 16 in (0, 1, 2, 3, 14) or c % 61 == 0)]
@@ -358,12 +359,12 @@ def test_tokenizer_missing_and_broken_files(tokenizer_dir, tmp_path):
 
 def test_tokenizer_unicode_tables_cover_new_characters():
     """Our \\p{L}/\\p{N} add the Unicode 15-16 letters/numbers that this Python's unicodedata lacks."""
-    ours = _Splitter(r"\p{L}+|\p{N}+|[^\p{L}\p{N}]+", "Isolated")
+    ours = Splitter(r"\p{L}+|\p{N}+|[^\p{L}\p{N}]+", "Isolated")
     for ch, kind in [("\U000105c0", "L"), ("\U00031350", "L"), ("\U00010d40", "N"), ("\U0001e5f1", "N")]:
         assert ours(f"a{ch}") == ([f"a{ch}"] if kind == "L" else ["a", ch])
         assert ours(f"1{ch}") == ([f"1{ch}"] if kind == "N" else ["1", ch])
     assert unicodedata.category("\x1c") == "Cc" and "\x1c".isspace()  # Python's \s takes it; White_Space not
-    assert _Splitter(r"\s+", "Removed")("a\x1cb c\u3000d") == ["a\x1cb", "c", "d"]
+    assert Splitter(r"\s+", "Removed")("a\x1cb c\u3000d") == ["a\x1cb", "c", "d"]
 
 
 # ====================================================================================================
