@@ -159,85 +159,116 @@ def translate(pattern: str, atoms: list, bmp_only: bool = False) -> str:
     Every character set or literal it tests characters against is appended to `atoms` (as ranges).
     With bmp_only, sets drop their code points above U+FFFF (see pretokenizer.Splitter).
     """
-    _, folds, multi_folds = _unicode_tables()
-    out: list[str] = []
+    return _Translator(pattern, atoms, bmp_only).translate()
 
-    def klass(ranges):
-        atoms.append(ranges)
-        return _class([(lo, min(hi, 0xFFFF)) for lo, hi in ranges if lo <= 0xFFFF] if bmp_only else ranges)
 
-    groups: list[bool] = []  # per open group: is it a (?i:...) group
-    run = ""  # the case-folded literal run being written inside a (?i:...) group
+_QUANTIFIER = re.compile(r"\{\d*(,\d*)?\}")
 
-    def end_run():
-        nonlocal run
-        if any(f in run for f in multi_folds):  # e.g. Oniguruma's (?i:ss) also matches 'ß'
-            raise ValueError(f"case-insensitive literal {run!r} has multi-character case folds")
-        run = ""
 
-    i = 0
-    while i < len(pattern):
-        c, caseless = pattern[i], any(groups)
-        if c == "\\":
-            ranges, i = _escape(pattern, i)
-            if ranges[0][0] == ranges[0][1] and len(ranges) == 1:
-                c, i = chr(ranges[0][0]), i - 1  # an escaped literal: written below
-            elif caseless:
-                raise ValueError("character classes inside (?i:...) are not supported")
+class _Translator:
+    """One pattern's translation, written left to right into `out`: each method below writes the construct at
+    pattern[i] and returns the index after it."""
+
+    def __init__(self, pattern: str, atoms: list, bmp_only: bool):
+        self.pattern, self.atoms, self.bmp_only = pattern, atoms, bmp_only
+        self.out: list[str] = []
+        self.groups: list[bool] = []  # per open group: is it a (?i:...) group
+        self.folded_run = ""  # the case-folded literal run being written inside a (?i:...) group
+
+    def translate(self) -> str:
+        pattern, i = self.pattern, 0
+        while i < len(pattern):
+            c = pattern[i]
+            if c == "\\":
+                i = self.escape(i)
+            elif c == "[":
+                i = self.bracket(i)
+            elif c == "(":
+                i = self.open_group(i)
+            elif c in ")|":
+                i = self.close_group_or_branch(c, i)
+            elif c in "*+?.":
+                self.out.append(c)
+                i += 1
+            elif c in "^$":
+                self.out.append(f"(?m:{c})")  # Ruby syntax: ^ and $ are always line anchors
+                i += 1
+            elif c == "{" and (m := _QUANTIFIER.match(pattern, i)) and m.group() != "{}":
+                self.out.append(m.group())
+                i = m.end()
             else:
-                out.append(klass(ranges))
-                continue
-        elif c == "[":
-            if caseless:
-                raise ValueError("character classes inside (?i:...) are not supported")
-            ranges, i = _parse_class(pattern, i)
-            out.append(klass(ranges))
-            continue
-        elif c == "(":
-            end_run()
-            opener = "(?i:" if pattern.startswith("(?i:", i) else \
-                next((o for o in _GROUP_OPENERS if pattern.startswith(o, i)), None)
-            if opener is None and pattern.startswith("(?", i):
-                raise ValueError(f"unsupported regex group {pattern[i:i + 4]!r}")
-            groups.append(opener == "(?i:")
-            out.append("(?:" if opener in (None, "(?i:") else opener)  # we only use whole matches
-            i += len(opener or "(")
-            continue
-        elif c in ")|":
-            end_run()
-            if c == ")" and groups:
-                groups.pop()
-            out.append(c)
-            i += 1
-            continue
-        elif c in "*+?.":
-            out.append(c)
-            i += 1
-            continue
-        elif c in "^$":
-            out.append(f"(?m:{c})")  # Ruby syntax: ^ and $ are always line anchors
-            i += 1
-            continue
-        elif c == "{":
-            m = re.match(r"\{\d*(,\d*)?\}", pattern[i:])
-            if m and m.group() != "{}":
-                out.append(m.group())
-                i += m.end()
-                continue
-        # a literal character; inside (?i:...) it stands for its case-fold class (Unicode simple folding)
-        if caseless:
-            f = c.casefold()
-            if len(f) != 1:
-                raise ValueError(f"case-insensitive literal {c!r} has a multi-character case fold")
-            run += f
-            variants = folds.get(f, f)
-            out.append(klass(_union([(ord(v), ord(v)) for v in variants])))
+                self.literal(c)
+                i += 1
+        self.end_run()
+        return "".join(self.out)
+
+    @property
+    def caseless(self) -> bool:
+        return any(self.groups)
+
+    def escape(self, i: int) -> int:
+        ranges, i = _escape(self.pattern, i)
+        if ranges[0][0] == ranges[0][1] and len(ranges) == 1:
+            self.literal(chr(ranges[0][0]))  # an escaped literal
         else:
-            atoms.append([(ord(c), ord(c))])
-            out.append(re.escape(c))
-        i += 1
-    end_run()
-    return "".join(out)
+            self.refuse_sets_if_caseless()
+            self.out.append(self.char_set(ranges))
+        return i
+
+    def bracket(self, i: int) -> int:
+        self.refuse_sets_if_caseless()
+        ranges, i = _parse_class(self.pattern, i)
+        self.out.append(self.char_set(ranges))
+        return i
+
+    def refuse_sets_if_caseless(self):
+        if self.caseless:
+            raise ValueError("character classes inside (?i:...) are not supported")
+
+    def open_group(self, i: int) -> int:
+        pattern = self.pattern
+        self.end_run()
+        opener = "(?i:" if pattern.startswith("(?i:", i) else \
+            next((o for o in _GROUP_OPENERS if pattern.startswith(o, i)), None)
+        if opener is None and pattern.startswith("(?", i):
+            raise ValueError(f"unsupported regex group {pattern[i:i + 4]!r}")
+        self.groups.append(opener == "(?i:")
+        self.out.append("(?:" if opener in (None, "(?i:") else opener)  # we only use whole matches
+        return i + len(opener or "(")
+
+    def close_group_or_branch(self, c: str, i: int) -> int:
+        self.end_run()
+        if c == ")" and self.groups:
+            self.groups.pop()
+        self.out.append(c)
+        return i + 1
+
+    def literal(self, c: str):
+        """A literal character; inside (?i:...) it stands for its case-fold class (Unicode simple folding)."""
+        if not self.caseless:
+            self.atoms.append([(ord(c), ord(c))])
+            self.out.append(re.escape(c))
+            return
+        _, folds, _ = _unicode_tables()
+        f = c.casefold()
+        if len(f) != 1:
+            raise ValueError(f"case-insensitive literal {c!r} has a multi-character case fold")
+        self.folded_run += f
+        variants = folds.get(f, f)
+        self.out.append(self.char_set(_union([(ord(v), ord(v)) for v in variants])))
+
+    def end_run(self):
+        _, _, multi_folds = _unicode_tables()
+        if any(f in self.folded_run for f in multi_folds):  # e.g. Oniguruma's (?i:ss) also matches 'ß'
+            raise ValueError(f"case-insensitive literal {self.folded_run!r} has multi-character case folds")
+        self.folded_run = ""
+
+    def char_set(self, ranges: list[tuple[int, int]]) -> str:
+        """The Python `re` set of these code point ranges, which are recorded in `atoms`."""
+        self.atoms.append(ranges)
+        if self.bmp_only:
+            ranges = [(lo, min(hi, 0xFFFF)) for lo, hi in ranges if lo <= 0xFFFF]
+        return _class(ranges)
 
 
 WHITESPACE_CHARS = frozenset(chr(c) for lo, hi in _parse_ranges(_WHITESPACE) for c in range(lo, hi + 1))
