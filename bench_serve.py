@@ -181,7 +181,7 @@ def bench_serve(args) -> dict:
                 "overhead_ms": round(1000 * (statistics.median(http_s) - statistics.median(local)), 1)}
     print(f"first audio: in process {statistics.median(local):.3f} s, over HTTP {statistics.median(http_s):.3f} s "
           f"(medians of {args.rounds}): overhead {overhead['overhead_ms']} ms", flush=True)
-    wave = bench._long_recording(31 * args.chunks)
+    wave = bench.long_recording(31 * args.chunks)
     import transcribe
     chunks = [wave[a:b] for a, b in transcribe.split_at_pauses(wave, 16000, 30.0)[:args.chunks]]
     texts = ["Hello! The weather today is sunny with a light breeze.", "Please turn left at the next corner.",
