@@ -111,7 +111,7 @@ def bench_page(args) -> dict:
     return result
 
 
-def add_parser(sub):
+def add_parsers(sub):
     p = sub.add_parser("page", help=bench_page.__doc__)
     p.add_argument("--model", help="checkpoint folder (default: the full-size random-weight test fixture)")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])

@@ -8,6 +8,7 @@ import base64
 import http.client
 import io
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -16,15 +17,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT / ".ci"))
+from bench import ROOT, long_recording
 
 
 def start_server(folder, *args, env=None) -> tuple[subprocess.Popen, int]:
     """serve.py on a free port: (process, port) once it says it is ready (its stderr is then left unread)."""
-    import os
-    p = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--model", str(folder), "--port", "0", *map(str, args)],
-                         stderr=subprocess.PIPE, text=True, env=os.environ | (env or {}))
+    cli = [sys.executable, str(ROOT / "serve.py"), "--model", str(folder), "--port", "0", *map(str, args)]
+    p = subprocess.Popen(cli, stderr=subprocess.PIPE, text=True, env=os.environ | (env or {}))
     line = p.stderr.readline()
     match = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
     if not match:
@@ -45,8 +44,9 @@ def _post(port: int, path: str, body: bytes, content_type: str = "application/js
 
 
 def first_audio_over_http(port: int, body: dict) -> float:
-    """Seconds from sending a streamed chat request to receiving its first audio chunk (then the request is
-    dropped: the server frees the row)."""
+    """Seconds from sending a streamed chat request to receiving its first audio chunk; then the request is
+    dropped and, before returning, the server is left to free its row (an idle server for the next request, as
+    respond() in process has)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=3600)
     raw = json.dumps(body).encode()
     t0 = time.perf_counter()
@@ -56,8 +56,18 @@ def first_audio_over_http(port: int, body: dict) -> float:
         if line.startswith(b"data: {") and b'"data"' in line:
             took = time.perf_counter() - t0
             conn.close()
+            while _health(port)["rows_busy"]:
+                time.sleep(0.05)
             return took
     raise RuntimeError("the answer had no audio")
+
+
+def _health(port: int) -> dict:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("GET", "/health")
+    health = json.loads(conn.getresponse().read())
+    conn.close()
+    return health
 
 
 def first_audio_in_process(model, vocoder, wav: bytes, steps: int) -> float:
@@ -148,20 +158,12 @@ def _official_one_at_a_time(folder, chunks, texts, steps: int) -> dict:
     return out
 
 
-def bench_serve(args) -> dict:
-    """The server on the full-size checkpoint: time to the first audio byte over HTTP against respond() in this
-    process for the same spoken chat (the overhead of HTTP, JSON and base64), then throughput (seconds of audio
-    per second) of 8 transcriptions of 15-30 s and 4 speech requests, all at once (batched) against one at a
-    time, and the official package one at a time."""
-    import torch
-
-    import bench
+def _first_audio(folder, options: list, args) -> dict:
+    """Seconds to the first audio of the same spoken chat in this process and over HTTP (args.rounds each, after
+    a warm-up): the overhead of HTTP, JSON and base64."""
     import tasks
-    from fixtures import ASSETS, FULL_CONFIG, cached_checkpoint
+    from fixtures import ASSETS
 
-    folder = Path(args.model) if args.model else cached_checkpoint(FULL_CONFIG, 0)
-    options = ["--dtype", args.dtype, "--device", "cpu", "--greedy", "--max-new-tokens", args.steps,
-               *(["--quantize", args.quantize] if args.quantize else [])]
     wav = (ASSETS / "question.wav").read_bytes()
     chat_body = {"model": "lfm2", "stream": True, "modalities": ["text", "audio"], "max_tokens": args.steps,
                  "audio": {"voice": "uk-male", "format": "pcm16"}, "messages": [{"role": "user", "content": [
@@ -181,21 +183,46 @@ def bench_serve(args) -> dict:
                 "overhead_ms": round(1000 * (statistics.median(http_s) - statistics.median(local)), 1)}
     print(f"first audio: in process {statistics.median(local):.3f} s, over HTTP {statistics.median(http_s):.3f} s "
           f"(medians of {args.rounds}): overhead {overhead['overhead_ms']} ms", flush=True)
-    wave = bench._long_recording(31 * args.chunks)
+    return overhead
+
+
+def _throughputs(folder, options: list, args) -> dict:
+    """{run: its _throughput} of the server one request at a time and all at once (batched), and of the official
+    package one at a time."""
     import transcribe
+
+    wave = long_recording(31 * args.chunks)
     chunks = [wave[a:b] for a, b in transcribe.split_at_pauses(wave, 16000, 30.0)[:args.chunks]]
     texts = ["Hello! The weather today is sunny with a light breeze.", "Please turn left at the next corner.",
              "The meeting starts at nine tomorrow morning.", "Thank you for calling, how can I help you?"][:args.speech]
     server, port = start_server(folder, *options, "--batch", max(len(chunks), len(texts)))
     try:
-        runs = {"one_at_a_time": _throughput(port, chunks, texts, False), "batched": _throughput(port, chunks, texts,
-                                                                                                True)}
+        runs = {"one_at_a_time": _throughput(port, chunks, texts, False),
+                "batched": _throughput(port, chunks, texts, True)}
     finally:
         server.kill()
         server.wait()
-    same = all(runs["batched"][k]["answers"] == runs["one_at_a_time"][k]["answers"] for k in ("asr", "tts"))
     if not args.no_official:
         runs["official"] = _official_one_at_a_time(folder, chunks, texts, args.steps)
+    return runs
+
+
+def bench_serve(args) -> dict:
+    """The server on the full-size checkpoint: time to the first audio byte over HTTP against respond() in this
+    process for the same spoken chat (the overhead of HTTP, JSON and base64), then throughput (seconds of audio
+    per second) of 8 transcriptions of 15-30 s and 4 speech requests, all at once (batched) against one at a
+    time, and the official package one at a time."""
+    import torch
+
+    from fixtures import FULL_CONFIG, cached_checkpoint
+
+    folder = Path(args.model) if args.model else cached_checkpoint(FULL_CONFIG, 0)
+    options = ["--dtype", args.dtype, "--device", "cpu", "--greedy", "--max-new-tokens", args.steps,
+               *(["--quantize", args.quantize] if args.quantize else [])]
+    overhead = _first_audio(folder, options, args)
+    runs = _throughputs(folder, options, args) if args.chunks and args.speech else {}
+    same = all(runs["batched"][k]["answers"] == runs["one_at_a_time"][k]["answers"] for k in ("asr", "tts")) \
+        if runs else None
     for name, run in runs.items():
         print(f"{name:>14}: ASR {run['asr']['audio_per_s']:.2f} s/s ({run['asr']['audio_s']} s in "
               f"{run['asr']['seconds']} s), TTS {run['tts']['audio_per_s']:.2f} s/s ({run['tts']['audio_s']} s in "
@@ -244,8 +271,8 @@ def add_parsers(sub):
     p.add_argument("--quantize", choices=["int8", "int4"])
     p.add_argument("--steps", type=int, default=64, help="greedy steps per answer (the server's --max-new-tokens)")
     p.add_argument("--rounds", type=int, default=3, help="first-audio measurements on each side")
-    p.add_argument("--chunks", type=int, default=8, help="transcription requests, 15-30 s each")
-    p.add_argument("--speech", type=int, default=4, help="speech requests")
+    p.add_argument("--chunks", type=int, default=8, help="transcription requests, 15-30 s each (0: first audio only)")
+    p.add_argument("--speech", type=int, default=4, help="speech requests (0: first audio only)")
     p.add_argument("--no-official", action="store_true")
     p.set_defaults(fn=bench_serve)
     p = sub.add_parser("tts", help=bench_tts.__doc__)

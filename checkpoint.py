@@ -13,7 +13,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from lfm2audio import Config, LFM2Audio, check_state_dict
+from lfm2audio import Config, LFM2Audio, swiglu_width
 from tokenizer import Tokenizer
 
 MIMI_FILE = "tokenizer-e351c8d8-checkpoint125.safetensors"
@@ -39,13 +39,49 @@ def checkpoint_folder(repo_id_or_path: str | Path) -> Path:
                                 "the hub cache already holds") from None
 
 
+def lfm2_config(d: dict, **fields) -> Config:
+    """transformers' Lfm2Config dict -> the Config of its LFM2 blocks; `fields` sets the other fields."""
+    n_layers = d["num_hidden_layers"]
+    layer_types = d.get("layer_types") or [
+        "full_attention" if i in d["full_attn_idxs"] else "conv" for i in range(n_layers)]
+    ff = d.get("block_ff_dim", d.get("intermediate_size"))  # transformers lets block_ff_dim win
+    if d.get("block_auto_adjust_ff_dim", True):
+        ff = swiglu_width(ff, d.get("block_ffn_dim_multiplier", 1.0), d.get("block_multiple_of", 256))
+    rope = d.get("rope_parameters") or {}
+    return Config(
+        dim=d["hidden_size"], layer_types=list(layer_types[:n_layers]), n_heads=d["num_attention_heads"],
+        n_kv_heads=d["num_key_value_heads"], ff_dim=ff, vocab_size=d["vocab_size"],
+        norm_eps=d.get("norm_eps", 1e-5), rope_theta=rope.get("rope_theta", d.get("rope_theta", 1e6)),
+        conv_kernel=d.get("conv_L_cache", 3), **fields)
+
+
 def read_config(path: Path) -> Config:
+    """An LFM2-Audio config.json: the backbone's Lfm2Config under "lfm", the depthformer, the interleave."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: config file not found")
     try:
-        return Config.from_dict(json.loads(path.read_text()))
+        d = json.loads(path.read_text())
+        depth = d["depthformer"]
+        return lfm2_config(
+            d["lfm"], codebooks=d["codebooks"], tie_audio_embeddings=d["tie_audio_embeddings"],
+            depth_layers=depth["layers"], depth_dim=depth["dim"], depth_tie=depth["tie"],
+            interleaved_n_text=d["interleaved_n_text"], interleaved_n_audio=d["interleaved_n_audio"],
+            encoder=d["encoder"])
     except (KeyError, TypeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: not an LFM2-Audio config ({type(e).__name__}: {e})") from None
+
+
+def check_state_dict(expected: dict, state: dict, name) -> None:
+    """One ValueError naming the missing, unexpected and mis-shaped tensors of `state`, if any."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})"
+             for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    problems = [f"{what}: {', '.join(names[:8])}" + (f" (+{len(names) - 8} more)" if len(names) > 8 else "")
+                for what, names in (("missing tensors", missing), ("unexpected tensors", unexpected),
+                                    ("wrong shapes", wrong)) if names]
+    if problems:
+        raise ValueError(f"{name}: " + "; ".join(problems))
 
 
 def load_state(model: LFM2Audio, state: dict[str, torch.Tensor], name: str = "checkpoint"):

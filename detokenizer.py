@@ -29,7 +29,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from lfm2audio import Attention, Config, LFM2Block, RMSNorm, check_state_dict, rope_rotate_half, swiglu_width
+from checkpoint import check_state_dict, lfm2_config
+from lfm2audio import Attention, Config, LFM2Block, RMSNorm, rope_rotate_half
 from mimi import CARDINALITY, N_CODEBOOKS, check_codes
 
 UPSAMPLE = 6  # spectrogram steps per 80 ms frame
@@ -42,24 +43,15 @@ WHOLE_PIECE_FRAMES = 125  # `decode` streams in pieces of 10 s: same samples, at
 
 def config_from_dict(d: dict) -> tuple[Config, int]:
     """transformers' Lfm2Config dict (llama.cpp's layer names allowed) -> (the LFM2 block config, window)."""
-    n_layers = d["num_hidden_layers"]
-    layer_types = d.get("layer_types") or [
-        "full_attention" if i in d["full_attn_idxs"] else "conv" for i in range(n_layers)]
-    unknown = sorted(set(layer_types) - {"conv", "sliding_attention", "full_attention"})
+    unknown = sorted(set(d.get("layer_types") or []) - {"conv", "sliding_attention", "full_attention"})
     if unknown:
         raise ValueError(f"unknown layer types {unknown}")
     if d.get("conv_bias", False):
         raise ValueError("conv_bias true is not supported (LFM2's convolutions have no bias)")
-    ff = d.get("block_ff_dim", d.get("intermediate_size"))
-    if d.get("block_auto_adjust_ff_dim", True):
-        ff = swiglu_width(ff, d.get("block_ffn_dim_multiplier", 1.0), d.get("block_multiple_of", 256))
-    rope = d.get("rope_parameters") or {}
+    cfg = lfm2_config(d)
     # the official loader renames sliding_attention to full_attention, then masks every attention layer to
     # the window: both kinds are the same layer here
-    cfg = Config(dim=d["hidden_size"], layer_types=["conv" if t == "conv" else "attention" for t in layer_types[:n_layers]],
-                 n_heads=d["num_attention_heads"], n_kv_heads=d["num_key_value_heads"], ff_dim=ff,
-                 vocab_size=d["vocab_size"], norm_eps=d.get("norm_eps", 1e-5),
-                 rope_theta=rope.get("rope_theta", d.get("rope_theta", 1e6)), conv_kernel=d.get("conv_L_cache", 3))
+    cfg.layer_types = ["conv" if t == "conv" else "attention" for t in cfg.layer_types]
     return cfg, d.get("sliding_window") or 30
 
 

@@ -43,7 +43,7 @@ def swiglu_width(ff_dim: int, multiplier: float | None = 1.0, multiple_of: int =
 
 @dataclass
 class Config:
-    """What inference needs from config.json (the LFM2 block, the depthformer, the interleave pattern)."""
+    """What inference needs from config.json (LFM2 block, depthformer, interleave pattern); checkpoint.py reads it."""
 
     dim: int = 2048
     layer_types: list[str] = field(default_factory=lambda: ["conv"] * 16)
@@ -62,37 +62,6 @@ class Config:
     interleaved_n_text: int = 6
     interleaved_n_audio: int = 12
     encoder: dict = field(default_factory=dict)  # config.json's "encoder", for conformer.EncoderConfig
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Config":
-        lfm, depth = d["lfm"], d["depthformer"]
-        n_layers = lfm["num_hidden_layers"]
-        layer_types = lfm.get("layer_types") or [
-            "full_attention" if i in lfm["full_attn_idxs"] else "conv" for i in range(n_layers)]
-        ff = lfm.get("block_ff_dim", lfm.get("intermediate_size"))  # transformers lets block_ff_dim win
-        if lfm.get("block_auto_adjust_ff_dim", True):
-            ff = swiglu_width(ff, lfm.get("block_ffn_dim_multiplier", 1.0), lfm.get("block_multiple_of", 256))
-        rope = lfm.get("rope_parameters") or {}
-        return cls(
-            dim=lfm["hidden_size"], layer_types=list(layer_types[:n_layers]), n_heads=lfm["num_attention_heads"],
-            n_kv_heads=lfm["num_key_value_heads"], ff_dim=ff, vocab_size=lfm["vocab_size"],
-            norm_eps=lfm.get("norm_eps", 1e-5), rope_theta=rope.get("rope_theta", lfm.get("rope_theta", 1e6)),
-            conv_kernel=lfm.get("conv_L_cache", 3), codebooks=d["codebooks"],
-            tie_audio_embeddings=d["tie_audio_embeddings"], depth_layers=depth["layers"], depth_dim=depth["dim"],
-            depth_tie=depth["tie"], interleaved_n_text=d["interleaved_n_text"],
-            interleaved_n_audio=d["interleaved_n_audio"], encoder=d["encoder"])
-
-def check_state_dict(expected: dict, state: dict, name) -> None:
-    """One ValueError naming the missing, unexpected and mis-shaped tensors of `state`, if any."""
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})"
-             for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    problems = [f"{what}: {', '.join(names[:8])}" + (f" (+{len(names) - 8} more)" if len(names) > 8 else "")
-                for what, names in (("missing tensors", missing), ("unexpected tensors", unexpected),
-                                    ("wrong shapes", wrong)) if names]
-    if problems:
-        raise ValueError(f"{name}: " + "; ".join(problems))
 
 
 # ---- shared blocks ----

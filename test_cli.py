@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import bench
+import bench_decode
 import checkpoint
 import run
 import tasks
@@ -77,13 +78,13 @@ def test_bench_decode_reports_each_run_and_survives_a_failure(tiny_ckpt, officia
     assert [r["run"] for r in runs] == ["official", "ours"]
     assert res["same_items"] and res["failed_runs"] == 0
     assert all(r["ttfa_s"] > 0 and r["chat"]["n_audio"] > 0 for r in runs), "no audio in the chat run"
-    real_init = bench._Ours.__init__
+    real_init = bench_decode._Ours.__init__
 
     def init(self, *a, quantize=None, **kw):
         if quantize:
             raise RuntimeError("planted failure")
         real_init(self, *a, quantize=quantize, **kw)
-    monkeypatch.setattr(bench._Ours, "__init__", init)
+    monkeypatch.setattr(bench_decode._Ours, "__init__", init)
     with pytest.raises(SystemExit, match="1 run"):
         bench.main(args + ["--no-official", "--quantize", "int8"])
     out = capsys.readouterr()

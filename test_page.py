@@ -314,7 +314,8 @@ def test_modules(browser):
       let seed = 1; const rnd = () => ((seed = (seed * 16807) % 2147483647) / 2147483647 - 0.5);
       const events = [];
       for (let f = 0; f < 175; f++) {
-        const frame = new Float32Array(320).map((_, i) => f >= 50 && f < 100 ? 0.3 * Math.sin(2 * Math.PI * 300 * (f * 320 + i) / 16000) : 0.002 * rnd());
+        const frame = new Float32Array(320).map((_, i) => f >= 50 && f < 100
+          ? 0.3 * Math.sin(2 * Math.PI * 300 * (f * 320 + i) / 16000) : 0.002 * rnd());
         const e = vad.push(frame);
         if (e) events.push([f, e.type, e.start, e.end]);
       }
@@ -348,7 +349,8 @@ def test_modules(browser):
 def test_spoken_turn_then_typed_turn(server, browser, recordings):
     d = browser(recordings["turn"])
     health = server.health()
-    assert text_of(d, "h-model") == health["model"] and text_of(d, "h-rows") == f"{health['rows_busy']} / {health['rows']}"
+    assert text_of(d, "h-model") == health["model"]
+    assert text_of(d, "h-rows") == f"{health['rows_busy']} / {health['rows']}"
     d.find_element(By.ID, "start").click()
     history = wait_history(d, 2, 9 + ANSWER_TIMEOUT, "the spoken turn and its answer")
 

@@ -65,7 +65,8 @@ from fixtures import (
 )
 from lfm2audio import Sampling
 from mimi import CARDINALITY, FRAME_SIZE, Mimi, N_CODEBOOKS
-from tokenizer import Tokenizer, _Splitter
+from pretokenizer import Splitter
+from tokenizer import Tokenizer
 
 
 # ====================================================================================================
@@ -116,10 +117,14 @@ _TOKENIZER_CURATED = [
     "a \n b", "x  \t\n\r\n  y", "end.   ", "   ", "\u3000\u3000x", "a\u00a0b", "a\u2028b\u2029c", "a\x85b",
     "\x1c\x1d\x1e\x1f", " \x1c x", "a\x1fb \x1f", "\x0b\x0c", "\u180e \u200b\u200c\u200d\u2060\ufeff",
     "\x00\x01\x02\x7f\x80\x9f", "tab\there", "mixed \t \n \r \x0b \x0c end",
-    "café naïve résumé Ünïcödé", "e\u0301 a\u0308 n\u0303o", "\u0301\u0301 alone", "Zalgo z\u0336\u0337\u0338a",
-    "東京都 北京 こんにちは世界 한국어 텍스트", "中文,标点。符号!", "مرحبا بالعالم ١٢٣", "שלום עולם",
-    "नमस्ते दुनिया १२३", "สวัสดีชาวโลก", "Привет, мир! ΑΒΓ αβγ", "Ⅻ ⅻ ½ ¾ ² ³ ①②",
-    "👩‍👩‍👧 👍🏽 👨🏿‍💻 🏳️‍🌈 🇫🇷🇯🇵 1️⃣ #️⃣ ❤️", "😀😃😄 😁", "emoji😀inside", "🧑🏻‍🤝‍🧑🏿",
+    "café naïve résumé Ünïcödé", "e\u0301 a\u0308 n\u0303o", "\u0301\u0301 alone",
+    "Zalgo z\u0336\u0337\u0338a",
+    "東京都 北京 こんにちは世界 한국어 텍스트", "中文,标点。符号!",
+    "مرحبا بالعالم ١٢٣", "שלום עולם",
+    "नमस्ते दुनिया १२३", "สวัสดีชาวโลก",
+    "Привет, мир! ΑΒΓ αβγ", "Ⅻ ⅻ ½ ¾ ² ³ ①②",
+    "👩‍👩‍👧 👍🏽 👨🏿‍💻 🏳️‍🌈 🇫🇷🇯🇵 1️⃣ #️⃣ ❤️",
+    "😀😃😄 😁", "emoji😀inside", "🧑🏻‍🤝‍🧑🏿",
     "𝐀𝐁𝐂 𝟏𝟐𝟑 𠀀𠀁 \U000105c0\U000105c1 \U00010d40\U00010d41 \U0001e4d0 \U00031350",
     "\U0010fffd\U000e0001\U000f0000", "'\U000105c0 '\U0001d400", "\ufffd\ufffe\uffff",
     "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n", "a<|im_end|>b", "<|im_start|>user\n",
@@ -134,7 +139,8 @@ def _tokenizer_numbers(rng: random.Random) -> list[str]:
     for n in range(1, 31):
         digits = "".join(rng.choice("0123456789") for _ in range(n))
         out += [digits, f"x{digits}", f" {digits} ", f"{digits}.{digits[::-1]}", f"-{digits},{n}", f"v{n}.{digits}"]
-    return out + ["3.14159", "1,000,000", "1e-10", "0x1F", "١٢٣٤٥", "१२३४", "٣.١٤", "12abc34", "a1b22c333d4444"]
+    return out + ["3.14159", "1,000,000", "1e-10", "0x1F", "١٢٣٤٥", "१२३४", "٣.١٤", "12abc34",
+                  "a1b22c333d4444"]
 
 
 def _tokenizer_contractions() -> list[str]:
@@ -151,7 +157,8 @@ def _tokenizer_contractions() -> list[str]:
 
 _TOKENIZER_FRAGMENTS = ["the", " of", "and", "Hello", " ", "  ", "\n", "\n\n", "\t", "\r\n", "'s", "'LL", "'Re",
                         ".", ",", "!?", "...", "(", ")", "{", "}", "==", "->", "_", "#", "$", "%", "123", "4",
-                        "56789", "é", "e\u0301", "東", "字", "ب", "😀", "👍🏽", "\u200d", "\u3000", "\x1c", "\xa0",
+                        "56789", "é", "e\u0301", "東", "字", "ب", "😀", "👍🏽", "\u200d", "\u3000", "\x1c",
+                        "\xa0",
                         "<|im_end|>", "<|im_start|>", "<|pad|>", "<|", "|>"]
 
 
@@ -264,7 +271,7 @@ def test_tokenizer_split_all_of_unicode():
     """The Split regex (\\p{L}, \\p{N}, \\s, (?i:'s)) splits text holding every code point like Oniguruma."""
     from tokenizers import Regex, pre_tokenizers
     theirs = pre_tokenizers.Split(Regex(LFM2_SPLIT), behavior="isolated")
-    ours = _Splitter(LFM2_SPLIT, "Isolated")
+    ours = Splitter(LFM2_SPLIT, "Isolated")
     # every code point of the planes where characters are assigned (0-3, 14); a sample of the others
     # (unassigned and private use); surrogates cannot be in a str that `tokenizers` accepts
     cps = [c for c in range(0x110000) if not 0xD800 <= c < 0xE000 and (c >> 16 in (0, 1, 2, 3, 14) or c % 61 == 0)]
@@ -358,12 +365,12 @@ def test_tokenizer_missing_and_broken_files(tokenizer_dir, tmp_path):
 
 def test_tokenizer_unicode_tables_cover_new_characters():
     """Our \\p{L}/\\p{N} add the Unicode 15-16 letters/numbers that this Python's unicodedata lacks."""
-    ours = _Splitter(r"\p{L}+|\p{N}+|[^\p{L}\p{N}]+", "Isolated")
+    ours = Splitter(r"\p{L}+|\p{N}+|[^\p{L}\p{N}]+", "Isolated")
     for ch, kind in [("\U000105c0", "L"), ("\U00031350", "L"), ("\U00010d40", "N"), ("\U0001e5f1", "N")]:
         assert ours(f"a{ch}") == ([f"a{ch}"] if kind == "L" else ["a", ch])
         assert ours(f"1{ch}") == ([f"1{ch}"] if kind == "N" else ["1", ch])
     assert unicodedata.category("\x1c") == "Cc" and "\x1c".isspace()  # Python's \s takes it; White_Space not
-    assert _Splitter(r"\s+", "Removed")("a\x1cb c\u3000d") == ["a\x1cb", "c", "d"]
+    assert Splitter(r"\s+", "Removed")("a\x1cb c\u3000d") == ["a\x1cb", "c", "d"]
 
 
 # ====================================================================================================
@@ -1612,12 +1619,13 @@ def test_asr_chunks_match_official(batch, tiny_ckpt, official_tiny, tmp_path):
             assert codes["prompt_ids"] == prompt_ids, f"chunk {k}: prompt differs from the official ChatState's"
             assert [tuple(i) for i in codes["items"]] == items, f"chunk {k}: items differ from the official ASR"
             if len(items) == ASR_MAX_NEW:  # no <|im_end|>: cut by the bound, and said so
-                assert f"{name} [{transcribe.timestamp(a / 16000)} --> {transcribe.timestamp(b / 16000)}]: the transcript " \
-                       f"reached --max-new-tokens {ASR_MAX_NEW}" in r.stderr, r.stderr
+                assert (f"{name} [{transcribe.timestamp(a / 16000)} --> {transcribe.timestamp(b / 16000)}]: "
+                        f"the transcript reached --max-new-tokens {ASR_MAX_NEW}") in r.stderr, r.stderr
                 cut += 1
             else:
                 ended += 1
-            span = (transcribe.timestamp(a / 16000), transcribe.timestamp(b / 16000), _asr_official_text(processor, items))
+            span = (transcribe.timestamp(a / 16000), transcribe.timestamp(b / 16000),
+                    _asr_official_text(processor, items))
             assert got[k - 1] == span, f"chunk {k}: stdout line {got[k - 1]} != {span}"
             if span[2]:
                 cues.append(f"{len(cues) + 1}\n{span[0].replace('.', ',')} --> {span[1].replace('.', ',')}\n"
@@ -1650,7 +1658,8 @@ def test_asr_ten_minute_recording(tiny_ckpt, official_tiny, tmp_path):
                  "--device", "cpu", "--batch", 8, "--codes-out", "codes.json", "--text-out", "long.vtt"], tmp_path)
     spans = transcribe.split_at_pauses(wave, 16000, 30.0)
     got = _asr_spans(r.stdout)
-    assert [(a, b) for a, b, _ in got] == [(transcribe.timestamp(a / 16000), transcribe.timestamp(b / 16000)) for a, b in spans]
+    assert [(a, b) for a, b, _ in got] == [(transcribe.timestamp(a / 16000), transcribe.timestamp(b / 16000))
+                                           for a, b in spans]
     assert spans[-1][1] == wave.numel() and all(b - a <= 30 * 16000 for a, b in spans)
     silent = [k for k, (a, b) in enumerate(spans) if not wave[a:b].any()]
     assert silent and all(got[k][2] == "" for k in silent)
@@ -1735,7 +1744,8 @@ def test_perf_compiled_seeded_sampling_equals_official(perf_models):
     torch.manual_seed(4321)
     assert _lfm2audio_items(compiled.generate(chat, "interleaved", 60, Sampling(**PERF_SAMPLING))) == ref
     torch.manual_seed(4322)
-    assert _lfm2audio_items(compiled.generate(chat, "interleaved", 60, Sampling(**PERF_SAMPLING))) != ref, "seed had no effect"
+    assert _lfm2audio_items(compiled.generate(chat, "interleaved", 60, Sampling(**PERF_SAMPLING))) != ref, \
+        "seed had no effect"
 
 
 # ====================================================================================================

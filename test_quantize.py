@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import bench
+import bench_accuracy
 import lfm2audio
 import quantize
 from conftest import official
@@ -172,11 +172,11 @@ def test_int8_teacher_forced_tiny(tiny_ckpt):
     choices; bf16 and int8 agree with it on most decisions (the tiny model's margins are small, so this bound
     is loose; the full-size test holds the real ones)."""
     official()
-    res = bench.measure_accuracy(tiny_ckpt, 24, {
-        "bfloat16": (bench.replay_ours(dtype=torch.bfloat16), "float32"),
-        "int8": (bench.replay_ours(dtype=torch.bfloat16, quantize="int8"), "float32"),
-        "int4": (bench.replay_ours(dtype=torch.bfloat16, quantize="int4"), "float32"),
-        "official-float32": (bench.replay_official(torch.float32), "float32")})
+    res = bench_accuracy.measure_accuracy(tiny_ckpt, 24, {
+        "bfloat16": (bench_accuracy.replay_ours(dtype=torch.bfloat16), "float32"),
+        "int8": (bench_accuracy.replay_ours(dtype=torch.bfloat16, quantize="int8"), "float32"),
+        "int4": (bench_accuracy.replay_ours(dtype=torch.bfloat16, quantize="int4"), "float32"),
+        "official-float32": (bench_accuracy.replay_official(torch.float32), "float32")})
     # not res["float32"]["agreement"]: that is the replay compared with itself, 1.0 whatever the replay computes
     assert res["float32"]["own_choices"], f"float32 replayed on its own greedy items chose others: {res['float32']}"
     assert res["float32"]["decisions"] >= 100, res["float32"]
@@ -197,10 +197,10 @@ def test_accuracy_full_size(full_ckpt):
     decisions of a spoken chat and a TTS prompt (float32 itself is token-exact with the official package: the
     sections above), counted where float32's top-2 margin is clear. Fails below the floors (AGREEMENT_FLOOR)."""
     official()
-    res = bench.measure_accuracy(full_ckpt, 32, {
-        "bfloat16": (bench.replay_ours(dtype=torch.bfloat16), "float32"),
-        "int8": (bench.replay_ours(dtype=torch.bfloat16, quantize="int8"), "float32"),
-        "int4": (bench.replay_ours(dtype=torch.bfloat16, quantize="int4"), "float32")})
+    res = bench_accuracy.measure_accuracy(full_ckpt, 32, {
+        "bfloat16": (bench_accuracy.replay_ours(dtype=torch.bfloat16), "float32"),
+        "int8": (bench_accuracy.replay_ours(dtype=torch.bfloat16, quantize="int8"), "float32"),
+        "int4": (bench_accuracy.replay_ours(dtype=torch.bfloat16, quantize="int4"), "float32")})
     assert res["float32"]["own_choices"], res
     assert res["float32"]["counted"] >= 200, res
     for name, floor in AGREEMENT_FLOOR.items():

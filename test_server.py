@@ -186,7 +186,8 @@ def test_second_turn_cites_the_first_answer(client, server, tiny_ckpt, tmp_path)
              sf.read(str(tmp_path / "answer_2.wav"), dtype="float32")[0], 1e-6, clip=False)
     # a text-only client sends back only the text: the answer it cites is recognised by it
     r3 = client.chat.completions.create(model="lfm2", messages=[
-        user_audio("question.wav"), {"role": "assistant", "content": want[0]}, {"role": "user", "content": "Tell me more."}])
+        user_audio("question.wav"), {"role": "assistant", "content": want[0]},
+        {"role": "user", "content": "Tell me more."}])
     assert r3.choices[0].message.content == want[1]
 
 

@@ -3,36 +3,19 @@ the `tokenizers` library (encode with add_special_tokens=False, decode with skip
 
 Standard library only. Pipeline of `tokenizers`, reproduced step by step:
   1. added tokens are cut out of the text as literals (leftmost-longest; non-normalized ones first),
-  2. each remaining piece is pre-tokenized: Split regexes, then ByteLevel (bytes -> printable chars),
+  2. each remaining piece is pre-tokenized (pretokenizer.py): Split regexes, then ByteLevel (bytes -> chars),
   3. each pre-token is BPE-merged (lowest merge rank first, leftmost on ties), with a per-word cache.
-The Split regexes are written for Oniguruma (`\\p{L}`, `\\p{N}`, `(?i:...)`); we translate them into Python
-`re` with explicit character sets, so that Python's different `\\s`, missing `\\p{..}` and looser
-case folding cannot change the result. Features we do not implement raise a ValueError at load time.
+Features we do not implement raise a ValueError at load time.
 """
 
-import bisect
-import functools
 import heapq
 import json
 import re
-import unicodedata
 from pathlib import Path
 
-# Letters / numbers added in Unicode 15.0-16.0. Python 3.11's unicodedata is Unicode 14.0 (it calls them
-# unassigned) but the Oniguruma engine inside `tokenizers` knows Unicode 16.0.
-_NEW_LETTERS = (
-    "1C89-1C8A A7CB-A7CD A7DA-A7DC 105C0-105F3 10D4A-10D65 10D6F-10D85 10EC2-10EC4 1123F-11240 11380-11389 "
-    "1138B 1138E 11390-113B5 113B7 113D1 113D3 11BC0-11BE0 11F02 11F04-11F10 11F12-11F33 1342F 13441-13446 "
-    "13460-143FA 16100-1611D 16D40-16D6C 18CFF 1B132 1B155 1DF25-1DF2A 1E030-1E06D 1E4D0-1E4EB 1E5D0-1E5ED "
-    "1E5F0 2B739 2EBF0-2EE5D 31350-323AF"
-)
-_NEW_NUMBERS = (
-    "10D40-10D49 116D0-116E3 11BF0-11BF9 11F50-11F59 16130-16139 16D70-16D79 1CCF0-1CCF9 1D2C0-1D2D3 "
-    "1E4F0-1E4F9 1E5F1-1E5FA"
-)
-# Unicode White_Space: what `\s` means in Oniguruma and Rust's regex. Python's `\s` also takes \x1c-\x1f.
-_WHITESPACE = "9-D 20 85 A0 1680 2000-200A 2028-2029 202F 205F 3000"
-_MAX_CP = 0x10FFFF
+from oniguruma import WHITESPACE_CHARS
+from pretokenizer import pretokenizers
+
 _CACHE_WORDS = 1 << 17  # word cache entries before it is emptied (bounds memory on endless new words)
 
 
@@ -51,299 +34,6 @@ def _bytes_to_chars() -> list[str]:
 _BYTE_CHARS = _bytes_to_chars()
 _CHAR_BYTES = {c: b for b, c in enumerate(_BYTE_CHARS)}
 _LATIN1_TO_BYTE_CHARS = str.maketrans({b: c for b, c in enumerate(_BYTE_CHARS)})
-# GPT-2's split, used by ByteLevel(use_regex=true)
-_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-
-
-# ---- character classes -----------------------------------------------------------------------------
-
-def _parse_ranges(table: str) -> list[tuple[int, int]]:
-    out = []
-    for item in table.split():
-        lo, _, hi = item.partition("-")
-        out.append((int(lo, 16), int(hi or lo, 16)))
-    return out
-
-
-def _union(*sets: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    out: list[list[int]] = []
-    for lo, hi in sorted(r for s in sets for r in s):
-        if out and lo <= out[-1][1] + 1:
-            out[-1][1] = max(out[-1][1], hi)
-        else:
-            out.append([lo, hi])
-    return [(lo, hi) for lo, hi in out]
-
-
-def _complement(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    out, nxt = [], 0
-    for lo, hi in ranges:
-        if lo > nxt:
-            out.append((nxt, lo - 1))
-        nxt = hi + 1
-    if nxt <= _MAX_CP:
-        out.append((nxt, _MAX_CP))
-    return out
-
-
-@functools.cache
-def _unicode_tables() -> tuple[dict[str, list[tuple[int, int]]], dict[str, str], frozenset[str]]:
-    """One pass over all code points: \\p{L} and \\p{N} ranges, simple case-fold classes, multi-char folds."""
-    cps: dict[str, list[int]] = {"L": [], "N": []}
-    folds: dict[str, str] = {}
-    multi = set()
-    for cp in range(_MAX_CP + 1):
-        ch = chr(cp)
-        major = unicodedata.category(ch)[0]
-        if major in cps:
-            cps[major].append(cp)
-        f = ch.casefold()
-        if f != ch:
-            if len(f) == 1:
-                folds[f] = folds.get(f, f) + ch
-            else:
-                multi.add(f)
-    sets = {k: _union([(c, c) for c in v]) for k, v in cps.items()}
-    sets["L"] = _union(sets["L"], _parse_ranges(_NEW_LETTERS))
-    sets["N"] = _union(sets["N"], _parse_ranges(_NEW_NUMBERS))
-    sets["s"] = _parse_ranges(_WHITESPACE)
-    return sets, folds, frozenset(multi)
-
-
-def _class(ranges: list[tuple[int, int]]) -> str:
-    """A Python `re` character set for these code point ranges."""
-    if not ranges:
-        return "(?!)"
-    return "[" + "".join(f"\\U{lo:08x}" + (f"-\\U{hi:08x}" if hi > lo else "") for lo, hi in ranges) + "]"
-
-
-# ---- Oniguruma pattern -> Python re ------------------------------------------------------------------
-
-_PROPERTIES = {"L": "L", "Letter": "L", "N": "N", "Number": "N"}
-_CHAR_ESCAPES = {"t": "\t", "n": "\n", "r": "\r", "f": "\f", "v": "\v", "a": "\a", "e": "\x1b"}
-_GROUP_OPENERS = ("(?:", "(?=", "(?!", "(?<=", "(?<!")
-
-
-def _escape(pattern: str, i: int) -> tuple[list[tuple[int, int]], int]:
-    """Parse the escape at pattern[i] (a backslash); return its code point ranges and the next index."""
-    sets = _unicode_tables()[0]
-    c = pattern[i + 1 : i + 2]
-    if c in ("p", "P"):
-        m = re.match(r"\{(\^?)(\w+)\}", pattern[i + 2 :])
-        if not m or m.group(2) not in _PROPERTIES:
-            raise ValueError(f"unsupported regex property {pattern[i:i + 12]!r} (only \\p{{L}} and \\p{{N}})")
-        ranges = sets[_PROPERTIES[m.group(2)]]
-        return (_complement(ranges) if (c == "P") != bool(m.group(1)) else ranges), i + 2 + m.end()
-    if c in ("s", "S"):
-        return (sets["s"] if c == "s" else _complement(sets["s"])), i + 2
-    if c in _CHAR_ESCAPES:
-        cp = ord(_CHAR_ESCAPES[c])
-        return [(cp, cp)], i + 2
-    m = re.match(r"x\{([0-9a-fA-F]{1,8})\}|x([0-9a-fA-F]{2})|u([0-9a-fA-F]{4})", pattern[i + 1 :])
-    if m:
-        cp = int(next(g for g in m.groups() if g), 16)
-        return [(cp, cp)], i + 1 + m.end()
-    if c and not c.isalnum():
-        return [(ord(c), ord(c))], i + 2
-    raise ValueError(f"unsupported regex escape {pattern[i:i + 2]!r}")
-
-
-def _parse_class(pattern: str, i: int) -> tuple[list[tuple[int, int]], int]:
-    """Parse the bracket expression at pattern[i] ('['); return its code point ranges and the next index."""
-    i += 1
-    negate = pattern.startswith("^", i)
-    i += negate
-    items: list[list[tuple[int, int]]] = []
-    first = True
-    while True:
-        if i >= len(pattern):
-            raise ValueError("unterminated character class in regex")
-        c = pattern[i]
-        if c == "]" and not first:
-            i += 1
-            break
-        if c == "[" or pattern.startswith("&&", i):
-            raise ValueError("nested character classes / set operations in regex are not supported")
-        if c == "\\":
-            ranges, i = _escape(pattern, i)
-        else:
-            ranges, i = [(ord(c), ord(c))], i + 1
-        # a range a-b (a '-' before ']' is a literal)
-        if len(ranges) == 1 and ranges[0][0] == ranges[0][1] and pattern.startswith("-", i) \
-                and not pattern.startswith("-]", i):
-            hi, i = _escape(pattern, i + 1) if pattern[i + 1] == "\\" else ([(ord(pattern[i + 1]),) * 2], i + 2)
-            ranges = [(ranges[0][0], hi[0][1])]
-        items.append(ranges)
-        first = False
-    ranges = _union(*items)
-    return (_complement(ranges) if negate else ranges), i
-
-
-def _translate(pattern: str, atoms: list, bmp_only: bool = False) -> str:
-    """Translate an Oniguruma (Ruby syntax) pre-tokenizer regex into an equivalent Python `re` pattern.
-
-    Every character set or literal it tests characters against is appended to `atoms` (as ranges).
-    With bmp_only, sets drop their code points above U+FFFF (see _Splitter).
-    """
-    _, folds, multi_folds = _unicode_tables()
-    out: list[str] = []
-
-    def klass(ranges):
-        atoms.append(ranges)
-        return _class([(lo, min(hi, 0xFFFF)) for lo, hi in ranges if lo <= 0xFFFF] if bmp_only else ranges)
-
-    groups: list[bool] = []  # per open group: is it a (?i:...) group
-    run = ""  # the case-folded literal run being written inside a (?i:...) group
-
-    def end_run():
-        nonlocal run
-        if any(f in run for f in multi_folds):  # e.g. Oniguruma's (?i:ss) also matches 'ß'
-            raise ValueError(f"case-insensitive literal {run!r} has multi-character case folds")
-        run = ""
-
-    i = 0
-    while i < len(pattern):
-        c, caseless = pattern[i], any(groups)
-        if c == "\\":
-            ranges, i = _escape(pattern, i)
-            if ranges[0][0] == ranges[0][1] and len(ranges) == 1:
-                c, i = chr(ranges[0][0]), i - 1  # an escaped literal: written below
-            elif caseless:
-                raise ValueError("character classes inside (?i:...) are not supported")
-            else:
-                out.append(klass(ranges))
-                continue
-        elif c == "[":
-            if caseless:
-                raise ValueError("character classes inside (?i:...) are not supported")
-            ranges, i = _parse_class(pattern, i)
-            out.append(klass(ranges))
-            continue
-        elif c == "(":
-            end_run()
-            opener = "(?i:" if pattern.startswith("(?i:", i) else \
-                next((o for o in _GROUP_OPENERS if pattern.startswith(o, i)), None)
-            if opener is None and pattern.startswith("(?", i):
-                raise ValueError(f"unsupported regex group {pattern[i:i + 4]!r}")
-            groups.append(opener == "(?i:")
-            out.append("(?:" if opener in (None, "(?i:") else opener)  # we only use whole matches
-            i += len(opener or "(")
-            continue
-        elif c in ")|":
-            end_run()
-            if c == ")" and groups:
-                groups.pop()
-            out.append(c)
-            i += 1
-            continue
-        elif c in "*+?.":
-            out.append(c)
-            i += 1
-            continue
-        elif c in "^$":
-            out.append(f"(?m:{c})")  # Ruby syntax: ^ and $ are always line anchors
-            i += 1
-            continue
-        elif c == "{":
-            m = re.match(r"\{\d*(,\d*)?\}", pattern[i:])
-            if m and m.group() != "{}":
-                out.append(m.group())
-                i += m.end()
-                continue
-        # a literal character; inside (?i:...) it stands for its case-fold class (Unicode simple folding)
-        if caseless:
-            f = c.casefold()
-            if len(f) != 1:
-                raise ValueError(f"case-insensitive literal {c!r} has a multi-character case fold")
-            run += f
-            variants = folds.get(f, f)
-            out.append(klass(_union([(ord(v), ord(v)) for v in variants])))
-        else:
-            atoms.append([(ord(c), ord(c))])
-            out.append(re.escape(c))
-        i += 1
-    end_run()
-    return "".join(out)
-
-
-class _Splitter:
-    """Split pre-tokenizer: a piece -> its sub-pieces, like `tokenizers`' Split with Oniguruma find_iter.
-
-    Speed: Python's `re` tests a character set's code points above U+FFFF by a linear scan of ranges,
-    which made \\p{L} eight times slower. So the regex keeps only the BMP part of each set, and a text with
-    characters above U+FFFF is matched through a copy where each of them is replaced by a BMP "proxy" that
-    lies in exactly the same sets and literals of the pattern (the spans are then cut from the real text).
-    """
-
-    def __init__(self, pattern: str, behavior: str):
-        if behavior not in ("Isolated", "Removed"):
-            raise ValueError(f"unsupported Split behavior {behavior!r} (only Isolated and Removed)")
-        atoms: list = [[(10, 10)]]  # '.' and the anchors test for '\n'
-        full = _translate(pattern, atoms)
-        self._starts, self._proxies = _proxy_table(atoms)
-        p = _translate(pattern, [], bmp_only=True) if self._starts else full
-        self.removed = behavior == "Removed"
-        # Isolated keeps the text between two matches as a piece too: a run of positions where the pattern
-        # does not match
-        self._re = re.compile(p if self.removed else f"(?:{p})|(?:(?!(?:{p}))[\\s\\S])+")
-        self._findall = self._re.findall
-
-    def _proxy(self, m: re.Match) -> str:
-        return self._proxies[bisect.bisect_right(self._starts, ord(m.group())) - 1]
-
-    def __call__(self, s: str) -> list[str]:
-        if self._starts and not s.isascii() and max(s) > "\uffff":
-            spans = [m.span() for m in self._re.finditer(_NON_BMP.sub(self._proxy, s))]
-        elif not self.removed:
-            return self._findall(s)
-        else:
-            spans = [m.span() for m in self._re.finditer(s)]
-        if not self.removed:
-            return [s[a:b] for a, b in spans]
-        edges = [0, *(x for span in spans for x in span), len(s)]
-        return [s[a:b] for a, b in zip(edges[::2], edges[1::2]) if a < b]
-
-
-_NON_BMP = re.compile("[\U00010000-\U0010ffff]")
-
-
-def _proxy_table(atoms: list) -> tuple[list[int], list[str]]:
-    """Intervals of code points above U+FFFF (their starts) and, for each, a BMP char in the same atoms.
-
-    Membership in every atom is constant between atom boundaries, so one candidate per interval suffices.
-    Returns empty lists when some interval has no BMP twin (then the full, slower sets are used).
-    """
-    edges = sorted({0, 0xD800, 0xE000, 0x10000, *(x for ranges in atoms for lo, hi in ranges for x in (lo, hi + 1))})
-    edges = [e for e in edges if e <= _MAX_CP]
-    flat = [[x for lo, hi in ranges for x in (lo, hi + 1)] for ranges in atoms]
-
-    def signature(cp):  # inside an atom iff an odd number of its edges are <= cp
-        return tuple(bisect.bisect_right(f, cp) % 2 for f in flat)
-
-    twins: dict[tuple, str] = {}
-    for e in edges:
-        if e < 0xD800 or 0xE000 <= e < 0x10000:
-            twins.setdefault(signature(e), chr(e))
-    starts, proxies = [], []
-    for e in edges:
-        if e >= 0x10000:
-            twin = twins.get(signature(e))
-            if twin is None:
-                return [], []
-            starts.append(e)
-            proxies.append(twin)
-    return starts, proxies
-
-
-def _byte_level_splitter(add_prefix_space: bool, use_regex: bool):
-    split = _Splitter(_GPT2_SPLIT, "Isolated") if use_regex else None
-
-    def pretokenize(s: str) -> list[str]:
-        if add_prefix_space and not s.startswith(" "):
-            s = " " + s
-        return split(s) if split else [s]
-
-    return pretokenize
 
 
 # ---- the tokenizer -----------------------------------------------------------------------------------
@@ -439,39 +129,9 @@ class Tokenizer:
                 raise ValueError(f"added token {t['content']!r}: single_word=true is not supported")
             added.append({"id": t["id"], "content": t["content"], "lstrip": bool(t.get("lstrip")),
                           "rstrip": bool(t.get("rstrip")), "normalized": t.get("normalized", True)})
-        return cls(vocab, pairs, added, cls._pretokenizers(spec.get("pre_tokenizer")),
+        return cls(vocab, pairs, added, pretokenizers(spec.get("pre_tokenizer")),
                    ignore_merges=bool(model.get("ignore_merges")), unk_token=unk,
                    fuse_unk=bool(model.get("fuse_unk")))
-
-    @staticmethod
-    def _pretokenizers(spec) -> list:
-        """The pre-tokenizer steps, each a function str -> list[str]; ByteLevel must come last."""
-        spec = spec or {}
-        steps = spec.get("pretokenizers", []) if spec.get("type") == "Sequence" else [spec]
-        if not steps or steps[-1].get("type") != "ByteLevel":
-            raise ValueError("not a byte-level BPE tokenizer.json (pre-tokenizer does not end with ByteLevel)")
-        out = []
-        for step in steps:
-            kind = step.get("type")
-            if kind == "ByteLevel" and step is steps[-1]:
-                if step.get("add_prefix_space") or step.get("use_regex", True):
-                    out.append(_byte_level_splitter(bool(step.get("add_prefix_space")),
-                                                    step.get("use_regex", True)))
-            elif kind == "Split":
-                pattern = step.get("pattern") or {}
-                if step.get("invert"):
-                    raise ValueError("unsupported Split option invert=true")
-                if "Regex" in pattern:
-                    out.append(_Splitter(pattern["Regex"], step.get("behavior")))
-                elif "String" in pattern:
-                    out.append(_Splitter(re.escape(pattern["String"]), step.get("behavior")))
-                else:
-                    raise ValueError(f"malformed Split pattern {pattern!r}")
-            elif kind == "ByteLevel":
-                raise ValueError("unsupported pre-tokenizer order: ByteLevel must come last")
-            else:
-                raise ValueError(f"unsupported pre-tokenizer type {kind!r} (only Split and a final ByteLevel)")
-        return out
 
     # ---- encoding ----------------------------------------------------------------------------------
 
@@ -511,7 +171,7 @@ class Tokenizer:
         return pieces
 
     def _find_added(self, text: str, pattern: re.Pattern) -> list[tuple[str, int | None]]:
-        whitespace = _WHITESPACE_CHARS
+        whitespace = WHITESPACE_CHARS
         out, done = [], 0
         for m in pattern.finditer(text):
             token = self.added[m.group()]
@@ -593,6 +253,3 @@ class Tokenizer:
         """Id of a token string (e.g. '<|im_end|>'), or None."""
         added = self.added.get(token)
         return added["id"] if added else self.vocab.get(token)
-
-
-_WHITESPACE_CHARS = frozenset(chr(c) for lo, hi in _parse_ranges(_WHITESPACE) for c in range(lo, hi + 1))

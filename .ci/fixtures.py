@@ -60,7 +60,8 @@ def training_corpus():
     stdlib = Path(json.__file__).resolve().parent.parent
     for path in sorted(stdlib.glob("*.py"))[:120]:
         yield path.read_text(encoding="utf-8", errors="replace")
-    yield "Café naïve résumé Ünïcödé 東京都 北京 مرحبا بالعالم 👩‍👩‍👧 123 4567 89012\n\t\r\n"
+    yield ("Café naïve résumé Ünïcödé 東京都 北京 مرحبا بالعالم "
+           "👩‍👩‍👧 123 4567 89012\n\t\r\n")
 
 
 def write_tokenizer(folder: Path, vocab_size: int = 4000, merges_as_pairs: bool = False) -> Path:
