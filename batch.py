@@ -6,17 +6,21 @@
         for seq, item, over in batch.step():       # one step: (sequence, its new item or None, it is over)
             ...
 
-Three things kept apart, as serving engines do: the model step over all rows (the model's `decode_one`,
-`text_step`, `audio_step`: fixed shapes, compilable), the scheduler (`Batch.step` admits waiting sequences into
+Three things kept apart, as serving engines do: the model step over the rows (the model's `decode_one`,
+`text_step`, `audio_step`), the scheduler (`Batch.step` admits waiting sequences into
 free rows between steps and retires finished ones) and the per-sequence state (`Sequence`: its row, mode,
 sampling settings, what it generated). Each answer is the one `model.generate` gives for its chat alone (greedy:
 item for item; sampled: from other draws, unless every row that samples shares one setting).
 
+A step runs over the rows from the first to the last that are in use (a row costs about as much as the weights
+it takes to read on a CPU: one sequence alone runs at the speed of a batch of one); a compiled model
+(compiled.py: `fixed_shapes`) steps every row, one graph for all steps.
+
 The caches outlive a sequence: a row keeps its prompt and every item fed back (all but the last), and `held`
 records them, one `positions` key per position. A sequence whose chat continues what a free row holds (the
 answer appended, a new turn added) goes to that row and prefills only its new positions; otherwise it takes the
-free row used least recently. A decode step writes every row, so a free row's conv states are kept aside when
-its sequence ends and put back when one continues it; its KV writes land past what it holds.
+free row used least recently. A step may write a free row, so its conv states are kept aside when its sequence
+ends and put back when one continues it; its KV writes land past what it holds.
 """
 
 import hashlib
@@ -78,7 +82,8 @@ class Batch:
         self.prefills = model.prefills  # the model's count after our own writes: more means someone else wrote
         self.h = w.new_zeros(rows, w.shape[1])  # [B, D]: each row's last hidden state
         self.pos = torch.zeros(rows, 1, dtype=torch.long, device=w.device)  # [B, 1]: where its next input goes
-        self.pending: tuple | None = None  # (inputs [B, 1, D], {row: key}) of the backbone step the next step runs
+        self.pending: tuple | None = None  # (inputs [B', 1, D], first row, {row: key}) for the next backbone step
+        self.fixed = getattr(model, "fixed_shapes", False)  # compiled: every step over every row
 
     @property
     def busy(self) -> bool:
@@ -105,29 +110,31 @@ class Batch:
     @torch.no_grad()
     def step(self) -> list[tuple[Sequence, tuple | None, bool]]:
         """The backbone step over the items of the last step, then: admit waiting sequences into free rows (each
-        prefilled alone, the others wait) and one step of the heads for all rows: the text head and/or the
-        depthformer over every row (a free row computes along, unused: fixed shapes), one host sync. Returns
-        (sequence, item or None, over) per running row: an item leaves as soon as it is drawn, and the backbone
-        reads it at the start of the next step."""
+        prefilled alone, the others wait) and one step of the heads over the rows in use: the text head and/or the
+        depthformer (a free row among them computes along, unused), one host sync. Returns (sequence, item or
+        None, over) per running row: an item leaves as soon as it is drawn, and the backbone reads it at the
+        start of the next step."""
         self._feed_pending()
         events = [(seq, None, True) for seq in self._retire_cancelled()]
         self._admit()
         live = [r for r in range(self.rows) if self.running[r] is not None]
         if not live:
             return events
-        text = [self.running[r] is None or self.running[r].turn.text for r in range(self.rows)]
+        lo, hi = (0, self.rows) if self.fixed else (live[0], live[-1] + 1)  # the rows this step runs over
+        h, text = self.h[lo:hi], {r: self.running[r] is None or self.running[r].turn.text for r in range(lo, hi)}
         tokens = frames = None
         if any(text[r] for r in live):
-            tokens, x = self.model.text_step(self.h, *self._sampling("text", [r for r in live if text[r]]))
+            tokens, x = self.model.text_step(h, *self._sampling("text", [r for r in live if text[r]], lo, hi))
             tokens = tokens[:, 0].tolist()  # the host sync of this step
         if not all(text[r] for r in live):
-            frames, xa = self.model.audio_step(self.h, *self._sampling("audio", [r for r in live if not text[r]]))
+            frames, xa = self.model.audio_step(h, *self._sampling("audio", [r for r in live if not text[r]], lo, hi))
             codes = frames.tolist()  # the host sync of this step (codebook 0 decides what comes next)
-            x = xa if tokens is None else torch.where(torch.tensor(text, device=xa.device)[:, None, None], x, xa)
+            is_text = torch.tensor(list(text.values()), device=xa.device)[:, None, None]
+            x = xa if tokens is None else torch.where(is_text, x, xa)
         fed = {}
         for r in live:
-            seq = self.running[r]
-            item, key = (("text", tokens[r]), tokens[r]) if text[r] else (("audio", frames[r]), tuple(codes[r]))
+            seq, i = self.running[r], r - lo
+            item, key = (("text", tokens[i]), tokens[i]) if text[r] else (("audio", frames[i]), tuple(codes[i]))
             emit, done = seq.turn.next(item[0], key if text[r] else key[0])
             seq.steps += 1
             if done or seq.steps == seq.max_new_tokens:
@@ -135,24 +142,24 @@ class Batch:
             else:
                 fed[r] = key
             events.append((seq, item if emit else None, seq.finish is not None))
-        self.pending = (x, fed) if fed else None
+        self.pending = (x, lo, fed) if fed else None
         return events
 
     def _feed_pending(self):
-        """The backbone step over every row (one input each, at its position) for the items the last step drew."""
+        """The backbone step over the rows of the last step (one input each, at its position), for its items."""
         if self.pending is None:
             return
-        x, fed = self.pending
+        x, lo, fed = self.pending
         self.pending = None
-        self.h = self.model.decode_one(x, self.pos)
+        self.h[lo:lo + len(x)] = self.model.decode_one(x, self.pos[lo:lo + len(x)], lo)
         for r, key in fed.items():
             self.held[r].append(key)
             self.pos[r] += 1
 
-    def _sampling(self, kind: str, rows: list[int]):
+    def _sampling(self, kind: str, rows: list[int], lo: int, hi: int):
         """(temperature, top_k) for the rows that need this head: their one setting when they share it (a
-        constant of a compiled graph; a sequence alone draws as `generate` does), else tensors [B, 1] (0:
-        greedy / no top-k)."""
+        constant of a compiled graph; a sequence alone draws as `generate` does), else tensors [hi - lo, 1] for
+        rows lo .. hi-1 (0: greedy / no top-k)."""
         def setting(seq):  # greedy as (None, None)
             s = seq.sampling
             t, k = (s.text_temperature, s.text_top_k) if kind == "text" else (s.audio_temperature, s.audio_top_k)
@@ -160,10 +167,10 @@ class Batch:
         settings = {setting(self.running[r]) for r in rows}
         if len(settings) == 1:
             return settings.pop()
-        t, k = [0.0] * self.rows, [0] * self.rows
+        t, k = [0.0] * (hi - lo), [0] * (hi - lo)
         for r in rows:
-            t[r], k[r] = setting(self.running[r])
-            t[r], k[r] = t[r] or 0.0, k[r] or 0
+            t[r - lo], k[r - lo] = setting(self.running[r])
+            t[r - lo], k[r - lo] = t[r - lo] or 0.0, k[r - lo] or 0
         return torch.tensor(t, device=self.h.device)[:, None], torch.tensor(k, device=self.h.device)[:, None]
 
     def _admit(self):

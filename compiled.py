@@ -34,6 +34,7 @@ def compile_decode(model: LFM2Audio, mode: str | None = None) -> LFM2Audio:
     for name in STEPS:
         fn = torch.compile(getattr(type(model), name).__get__(model), mode=mode, fullgraph=True)
         setattr(model, name, _own_outputs(fn) if mode == "reduce-overhead" else fn)
+    model.fixed_shapes = True  # batch.py steps every cache row: one graph, not one per number of rows
     return model
 
 

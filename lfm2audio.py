@@ -591,10 +591,10 @@ class LFM2Audio(nn.Module):
             h = self.lfm(x[:, i:i + PREFILL_CHUNK], positions[i:i + PREFILL_CHUNK], row)
         return h[0, -1]
 
-    def decode_one(self, x: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        """One embedding per row [B, 1, D] at positions input_pos [B, 1] -> hidden states [B, D]. Fixed shapes:
-        compilable. On a CPU the step reads the weights once whatever B: a batch costs little more than one."""
-        return self.lfm(x, input_pos)[:, -1]
+    def decode_one(self, x: torch.Tensor, input_pos: torch.Tensor, row: int = 0) -> torch.Tensor:
+        """One embedding per row [B, 1, D] at positions input_pos [B, 1], for cache rows row .. row+B-1 -> hidden
+        states [B, D]. Fixed shapes: compilable. Every row's weights are read once per step, whatever B."""
+        return self.lfm(x, input_pos, row)[:, -1]
 
     def text_logits(self, h: torch.Tensor) -> torch.Tensor:
         return head_logits(self.text_head, h, self.lfm.embed_tokens.weight)
