@@ -168,7 +168,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _items(self, seq: Sequence, vocoder=None):
         """Submit `seq` now (a 400 if it cannot fit the context): its items, with their sound when given a vocoder
-        (tasks.respond's stream), as they come."""
+        (sound.respond's stream), as they come."""
         try:
             return self._watch(seq, self.server.engine.submit(seq, vocoder, run.DECODE_FRAMES))
         except ValueError as e:
