@@ -27,6 +27,7 @@ import torch
 import api
 import options
 import run
+import sound
 import tasks
 import transcribe
 from api import APIError, bad, field
@@ -238,7 +239,7 @@ class Handler(BaseHTTPRequestHandler):
         if spoken:
             wave = torch.cat(waves) if waves else torch.zeros(0)
             message["audio"] = {"id": key, "expires_at": expires, "transcript": text.text,
-                                "data": base64.b64encode(api.encode(wave, fmt)).decode()}
+                                "data": base64.b64encode(sound.encode(wave, fmt)).decode()}
         self._json({"id": api.completion_id(), "object": "chat.completion", "created": int(time.time()),
                     "model": body.get("model") or s.model_name,
                     "choices": [{"index": 0, "finish_reason": seq.finish, "message": message}],
@@ -254,7 +255,7 @@ class Handler(BaseHTTPRequestHandler):
         for kind, value in events:
             if kind == "wave":
                 self._event(api.chunk(cid, model, {"audio": {**audio_id, "data": base64.b64encode(
-                    api.pcm16(value.cpu())).decode()}}))
+                    sound.pcm16(value.cpu())).decode()}}))
                 audio_id = {"id": key}
                 continue
             items.append((kind, value if kind == "text" else value.tolist()))
@@ -286,21 +287,21 @@ class Handler(BaseHTTPRequestHandler):
         events = self._items(seq, s.vocoder)
         if fmt == "flac" and not sse:  # a flac header needs the length: sent whole
             waves = [v.cpu() for k, v in events if k == "wave"]
-            return self._send(api.encode(torch.cat(waves) if waves else torch.zeros(0), "flac"), "audio/flac")
+            return self._send(sound.encode(torch.cat(waves) if waves else torch.zeros(0), "flac"), "audio/flac")
         self._start_stream("text/event-stream" if sse else {"wav": "audio/wav", "pcm": "audio/pcm",
                                                             "flac": "audio/flac"}[fmt])
         send = (lambda data: self._event({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
                 ) if sse else self._chunk
         if fmt == "wav":
-            send(api.wav_header())
+            send(sound.wav_header())
         waves, steps = [], 0
         for kind, value in events:
             steps += kind != "wave"
             if kind == "wave":
                 waves.append(value.cpu())
-                send(api.float32(value) if fmt == "wav" else api.pcm16(value) if fmt == "pcm" else b"")
+                send(sound.float32(value) if fmt == "wav" else sound.pcm16(value) if fmt == "pcm" else b"")
         if fmt == "flac":  # sse: one delta with the whole file
-            send(api.encode(torch.cat(waves) if waves else torch.zeros(0), "flac"))
+            send(sound.encode(torch.cat(waves) if waves else torch.zeros(0), "flac"))
         if sse:
             self._event({"type": "speech.audio.done", "usage": {"input_tokens": len(chat), "output_tokens": steps,
                                                                 "total_tokens": len(chat) + steps}})

@@ -1,16 +1,21 @@
-"""Sound out: an answer's generated items with the sound they complete, decoded as they come.
+"""Sound out: an answer's generated items with the sound they complete, decoded as they come; that sound as bytes.
 
     for kind, value in respond(model.generate(chat, "interleaved"), vocoder):
         ...   # ("text", id), ("audio", codes [8]), and ("wave", samples [n] at 24 kHz) once a frame is decoded
 
-`Sound` is the decoding itself, an item at a time (the server's engine.py runs it on its decoding thread).
+`Sound` is the decoding itself, an item at a time (the server's engine.py runs it on its decoding thread);
+`encode` writes a whole answer's samples as a file (wav, pcm, flac), `pcm16`, `float32` and `wav_header` a stream.
 """
 
+import io
 from collections.abc import Iterator
 
+import numpy as np
+import soundfile as sf
 import torch
 
 from lfm2audio import END_OF_AUDIO
+from mimi import SAMPLE_RATE
 
 
 def is_end_of_audio(frame) -> bool:
@@ -68,3 +73,40 @@ def respond(items, vocoder, decode_frames: int = 1) -> Iterator[tuple[str, objec
             yield "wave", wave
     for wave in sound.close() if sound else ():
         yield "wave", wave
+
+
+# ---- as bytes ----
+
+def pcm16(wave: torch.Tensor) -> bytes:
+    """Samples [n] -> 16-bit signed little-endian PCM (clipped to [-1, 1])."""
+    return (wave.float().clamp(-1, 1) * 32767).round().to(torch.int16).numpy().astype("<i2").tobytes()
+
+
+def float32(wave: torch.Tensor) -> bytes:
+    return wave.float().cpu().numpy().astype("<f4").tobytes()
+
+
+def wav_header(n_samples: int | None = None) -> bytes:
+    """A 24 kHz mono 32-bit float wav header; for a stream of unknown length the sizes are 0xFFFFFFFF."""
+    data = 0xFFFFFFFF if n_samples is None else 4 * n_samples
+    riff = 0xFFFFFFFF if n_samples is None else 4 + 26 + 12 + 8 + data
+    fmt = (b"fmt " + (18).to_bytes(4, "little") + (3).to_bytes(2, "little") + (1).to_bytes(2, "little")
+           + SAMPLE_RATE.to_bytes(4, "little") + (4 * SAMPLE_RATE).to_bytes(4, "little")
+           + (4).to_bytes(2, "little") + (32).to_bytes(2, "little") + (0).to_bytes(2, "little"))
+    fact = b"fact" + (4).to_bytes(4, "little") + (0 if n_samples is None else n_samples).to_bytes(4, "little")
+    return b"RIFF" + riff.to_bytes(4, "little") + b"WAVE" + fmt + fact + b"data" + data.to_bytes(4, "little")
+
+
+def encode(wave: torch.Tensor, fmt: str) -> bytes:
+    """A whole answer's samples [n] as a file in `fmt`: wav (32-bit float, the decoder's samples exactly), pcm /
+    pcm16 (16-bit, no header) or flac (24-bit)."""
+    if fmt == "wav":
+        return wav_header(wave.numel()) + float32(wave)
+    if fmt in ("pcm", "pcm16"):
+        return pcm16(wave)
+    if wave.numel() == 0:  # libsndfile writes nothing for no samples: a FLAC file of its STREAMINFO block alone
+        info = (SAMPLE_RATE << 44 | 23 << 36).to_bytes(8, "big")  # rate (20 bits), mono, 24 bits, 0 samples
+        return b"fLaC" + b"\x80\x00\x00\x22" + (4096).to_bytes(2, "big") * 2 + bytes(6) + info + bytes(16)
+    out = io.BytesIO()
+    sf.write(out, np.clip(wave.float().cpu().numpy(), -1, 1), SAMPLE_RATE, format="FLAC", subtype="PCM_24")
+    return out.getvalue()
