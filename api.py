@@ -6,7 +6,6 @@ message, the offending parameter), which serve.py sends as OpenAI's error body.
 
 import base64
 import binascii
-import io
 import json
 import re
 import threading
@@ -14,13 +13,10 @@ import time
 import uuid
 from collections import OrderedDict
 
-import numpy as np
-import soundfile as sf
 import torch
 
 import tasks
 from lfm2audio import AUDIO_IN, AUDIO_OUT, IM_END, Chat, Sampling
-from mimi import SAMPLE_RATE
 
 # OpenAI's voices onto ours (their timbres have no equivalent here; the map keeps their genders)
 OPENAI_VOICES = {"alloy": "us-female", "ash": "us-male", "ballad": "uk-male", "coral": "us-female",
@@ -241,41 +237,6 @@ def max_tokens(body: dict, prompt_len: int, context: int, default: int) -> int:
 
 
 # ---- writing answers ----
-
-def pcm16(wave: torch.Tensor) -> bytes:
-    """Samples [n] -> 16-bit signed little-endian PCM (clipped to [-1, 1])."""
-    return (wave.float().clamp(-1, 1) * 32767).round().to(torch.int16).numpy().astype("<i2").tobytes()
-
-
-def float32(wave: torch.Tensor) -> bytes:
-    return wave.float().cpu().numpy().astype("<f4").tobytes()
-
-
-def wav_header(n_samples: int | None = None) -> bytes:
-    """A 24 kHz mono 32-bit float wav header; for a stream of unknown length the sizes are 0xFFFFFFFF."""
-    data = 0xFFFFFFFF if n_samples is None else 4 * n_samples
-    riff = 0xFFFFFFFF if n_samples is None else 4 + 26 + 12 + 8 + data
-    fmt = (b"fmt " + (18).to_bytes(4, "little") + (3).to_bytes(2, "little") + (1).to_bytes(2, "little")
-           + SAMPLE_RATE.to_bytes(4, "little") + (4 * SAMPLE_RATE).to_bytes(4, "little")
-           + (4).to_bytes(2, "little") + (32).to_bytes(2, "little") + (0).to_bytes(2, "little"))
-    fact = b"fact" + (4).to_bytes(4, "little") + (0 if n_samples is None else n_samples).to_bytes(4, "little")
-    return b"RIFF" + riff.to_bytes(4, "little") + b"WAVE" + fmt + fact + b"data" + data.to_bytes(4, "little")
-
-
-def encode(wave: torch.Tensor, fmt: str) -> bytes:
-    """A whole answer's samples [n] as a file in `fmt`: wav (32-bit float, the decoder's samples exactly), pcm /
-    pcm16 (16-bit, no header) or flac (24-bit)."""
-    if fmt == "wav":
-        return wav_header(wave.numel()) + float32(wave)
-    if fmt in ("pcm", "pcm16"):
-        return pcm16(wave)
-    if wave.numel() == 0:  # libsndfile writes nothing for no samples: a FLAC file of its STREAMINFO block alone
-        info = (SAMPLE_RATE << 44 | 23 << 36).to_bytes(8, "big")  # rate (20 bits), mono, 24 bits, 0 samples
-        return b"fLaC" + b"\x80\x00\x00\x22" + (4096).to_bytes(2, "big") * 2 + bytes(6) + info + bytes(16)
-    out = io.BytesIO()
-    sf.write(out, np.clip(wave.float().cpu().numpy(), -1, 1), SAMPLE_RATE, format="FLAC", subtype="PCM_24")
-    return out.getvalue()
-
 
 def usage(chat: Chat, reused: int, items: list) -> dict:
     text = sum(kind == "text" for kind, _ in items)

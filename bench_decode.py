@@ -136,7 +136,7 @@ class _Official:
 def _timed_generation(impl, chat, mode, steps) -> dict:
     """Generate with streaming Mimi decode of every audio frame (as run.py and the official demo do), timing
     each item: LM seconds (the generator's step) and Mimi seconds."""
-    from tasks import is_end_of_audio
+    from sound import is_end_of_audio
 
     decode = impl.stream()
     items, lm, mimi, first_audio = [], [], [], None

@@ -75,11 +75,12 @@ def first_audio_in_process(model, vocoder, wav: bytes, steps: int) -> float:
     HTTP: reading the audio, the prompt, prefill, the first frame and its decode)."""
     import tasks
     from lfm2audio import Sampling
+    from sound import respond
 
     t0 = time.perf_counter()
     chat = tasks.new_chat(model.tokenizer, tasks.TASKS["chat"].system)
     tasks.add_user_turn(chat, tasks.read_audio(wav, "question.wav"))
-    for kind, _ in tasks.respond(model.generate(chat, "interleaved", steps, Sampling()), vocoder, 4):
+    for kind, _ in respond(model.generate(chat, "interleaved", steps, Sampling()), vocoder, 4):
         if kind == "wave":
             return time.perf_counter() - t0
     raise RuntimeError("the answer had no audio")

@@ -6,7 +6,7 @@
 
 Every request is a Sequence in a cache row; each step decodes all rows at once, a request that arrives joins at the
 next step, one that ends (or is cancelled: a client that went away) frees its row. Sound is decoded here too, right
-after the step that completes it (tasks.Sound): all the model's work runs on this one thread, so that two threads
+after the step that completes it (sound.Sound): all the model's work runs on this one thread, so that two threads
 never split the CPU's cores between them (each torch call would use them all). If a step fails, the sequences in
 the batch are ended with the error and a fresh batch goes on.
 """
@@ -16,7 +16,7 @@ import threading
 import traceback
 
 from batch import Batch, Sequence
-from tasks import Sound
+from sound import Sound
 
 END = object()  # the last event of a sequence's queue
 
@@ -43,7 +43,7 @@ class Engine:
 
     def submit(self, seq: Sequence, vocoder=None, decode_frames: int = 1):
         """Queue `seq` (ValueError if it cannot fit the context); returns an iterator over its items as they come,
-        each followed by the sound it completes when given a vocoder (tasks.respond's stream), which raises what
+        each followed by the sound it completes when given a vocoder (sound.respond's stream), which raises what
         a failed step raised."""
         sound = Sound(vocoder, decode_frames) if vocoder is not None else None
         with self.lock:

@@ -26,6 +26,7 @@ import transcribe
 from batch import Batch, Sequence
 from lfm2audio import IM_END
 from mimi import SAMPLE_RATE
+from sound import respond
 
 DECODE_FRAMES = 4  # frames per decoder call after an answer's first (BENCHMARKS.md: Mimi in pieces)
 BATCH = 8  # ASR chunks decoded together
@@ -138,7 +139,7 @@ def answer(batch: Batch, decoder, chat, args, wav_path: Path, codes_path: Path |
     out = AudioWriter(wav_path) if decoder is not None else None
     t0, first_text, first_audio = time.perf_counter(), None, None
     try:
-        for kind, value in tasks.respond(batch.generate(seq), decoder, args.decode_frames):
+        for kind, value in respond(batch.generate(seq), decoder, args.decode_frames):
             if kind == "wave":
                 out.write(value)
                 first_audio = first_audio or time.perf_counter() - t0

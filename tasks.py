@@ -5,12 +5,11 @@
     text = transcribe(model, "assets/asr.wav")                         # any length: transcribe.py
     wave = speak(model, vocoder, "Hello!", voice="uk-female")
 
-`respond` turns a stream of generated items into the same stream with its sound, decoded as it comes.
+The answers' sound is decoded as their items come by sound.py's `respond`.
 """
 
 import itertools
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,8 +19,9 @@ import audio
 import checkpoint
 from detokenizer import Detokenizer
 import conformer
-from lfm2audio import AUDIO_IN, AUDIO_OUT, END_OF_AUDIO, TEXT, Chat, LFM2Audio, Sampling
+from lfm2audio import AUDIO_IN, AUDIO_OUT, TEXT, Chat, LFM2Audio, Sampling
 from mimi import Mimi
+from sound import respond
 
 
 @dataclass(frozen=True)
@@ -131,63 +131,6 @@ class TextStream:
         new = text[self.shown:]
         self.shown = max(self.shown, len(text))
         return new
-
-
-def is_end_of_audio(frame) -> bool:
-    """Whether an audio frame [8] is a signal to the model, not sound: the end-of-audio code in any codebook.
-    Decoders have no code 2048: such a frame is never decoded (as in the official demo), but stays in the chat."""
-    return END_OF_AUDIO in (frame.tolist() if torch.is_tensor(frame) else frame)
-
-
-class Sound:
-    """An answer's sound, decoded as its items come: `push` each item, `close` at the end; each returns the waves
-    [n] at 24 kHz that are ready. The first frame is decoded at once (the first audio), later ones `decode_frames`
-    at a time (a decoder call costs less per frame the more it takes: its weights are read once per call), and
-    pending frames at the next item that is not sound; last comes what the decoder held back (the LFM2
-    detokenizer's last 480 samples; nothing for Mimi)."""
-
-    def __init__(self, vocoder, decode_frames: int = 1):
-        if decode_frames < 1:
-            raise ValueError(f"decode_frames must be >= 1, got {decode_frames}")
-        self.vocoder, self.decode_frames = vocoder, decode_frames
-        self.stream = vocoder.new_stream(1, decode_frames)
-        self.pending, self.first = [], True  # frames waiting for the decoder; whether none was decoded yet
-
-    def push(self, kind: str, value) -> list[torch.Tensor]:
-        sound = kind == "audio" and not is_end_of_audio(value)
-        if sound:
-            self.pending.append(value)
-        if self.pending and (not sound or self.first or len(self.pending) == self.decode_frames):
-            self.first = False
-            return [self._decode()]
-        return []
-
-    def close(self) -> list[torch.Tensor]:
-        waves = [self._decode()] if self.pending else []
-        tail = self.vocoder.flush(self.stream)[0, 0]
-        return waves + ([tail] if tail.numel() else [])
-
-    def _decode(self) -> torch.Tensor:
-        frames, self.pending = torch.stack(self.pending, -1)[None], []  # [1, 8, t]
-        return self.vocoder.decode_step(frames, self.stream)[0, 0]
-
-
-def respond(items, vocoder, decode_frames: int = 1) -> Iterator[tuple[str, object]]:
-    """The generated items as they come, ("text", id) and ("audio", codes [8]), each followed by the sound it
-    completes: ("wave", samples [n] at 24 kHz), decoded as it comes (Sound); no sound without a vocoder.
-
-      wav [T] -> 16 kHz -> log-mel [128, n = 1 + T/160]           audio.log_mel (Chat.add_audio)
-      log-mel -> conformer [n/8, 512] -> adapter [n/8, 2048]     LFM2Audio.embed_prompt
-      prompt [1, L, 2048] -> LFM2 -> h [2048] per item            prefill, then decode_one
-      h -> text logits -> id | depthformer x 8 -> codes [8]       text_step | audio_step
-      codes [1, 8, t] -> decoder, streaming -> wave [1920 t]      Mimi / Detokenizer decode_step"""
-    sound = Sound(vocoder, decode_frames) if vocoder is not None else None
-    for kind, value in items:
-        yield kind, value
-        for wave in sound.push(kind, value) if sound else ():
-            yield "wave", wave
-    for wave in sound.close() if sound else ():
-        yield "wave", wave
 
 
 # ---- loading ----

@@ -66,6 +66,7 @@ from fixtures import (
 from lfm2audio import Sampling
 from mimi import CARDINALITY, FRAME_SIZE, Mimi, N_CODEBOOKS
 from pretokenizer import Splitter
+from sound import respond
 from tokenizer import Tokenizer
 
 
@@ -1307,7 +1308,7 @@ def test_chat_four_turns_reuse_caches(chat_pair, monkeypatch):
 
 
 def test_respond_decodes_in_pieces(chat_pair, tiny_ckpt):
-    """tasks.respond(): the items of generate() as they come; the answer's first sound frame decoded at once, then
+    """sound.respond(): the items of generate() as they come; the answer's first sound frame decoded at once, then
     at most decode_frames at a time, pending frames at the next item that is not sound; the waves together are
     the whole Mimi decode of the sound frames (within 1e-5 of its peak), whatever decode_frames."""
     ours = chat_pair[0]
@@ -1319,7 +1320,7 @@ def test_respond_decodes_in_pieces(chat_pair, tiny_ckpt):
     whole = mimi.decode(torch.tensor(frames).T[None])[0, 0]
     for n in (1, 3):
         got, waves, pending, sizes, sound = [], [], 0, [], False  # sound: the last item was a sound frame
-        for kind, value in tasks.respond(ours.generate(chat, "interleaved", CHAT_N), mimi, n):
+        for kind, value in respond(ours.generate(chat, "interleaved", CHAT_N), mimi, n):
             if kind == "wave":
                 assert value.shape == (FRAME_SIZE * pending,), f"a wave of {value.shape} for {pending} frames"
                 waves.append(value)
@@ -1335,7 +1336,7 @@ def test_respond_decodes_in_pieces(chat_pair, tiny_ckpt):
         err = (torch.cat(waves) - whole).abs().max().item()
         assert err <= 1e-5 * whole.abs().max().item(), f"decode_frames {n}: waves vs whole decode {err:.2e}"
     with pytest.raises(ValueError, match="decode_frames"):
-        next(tasks.respond(iter(items), mimi, decode_frames=0))
+        next(respond(iter(items), mimi, decode_frames=0))
 
 
 def test_chat_stale_caches_prefill_whole(chat_pair, monkeypatch):
