@@ -159,9 +159,14 @@ def _official_one_at_a_time(folder, chunks, texts, steps: int) -> dict:
     return out
 
 
-def _first_audio(folder, options: list, args) -> dict:
-    """Seconds to the first audio of the same spoken chat in this process and over HTTP (args.rounds each, after
-    a warm-up): the overhead of HTTP, JSON and base64."""
+def _first_audio(folder, args) -> dict:
+    """Seconds to the first audio of the same spoken chat through respond() and over HTTP, alternating
+    (args.rounds each, after a warm-up): the overhead of HTTP, JSON, base64 and the engine's thread. The server is
+    serve.py's Server on a thread of this process, on the same model: two processes holding the same weights
+    run at different speeds (BENCHMARKS.md), which would hide the milliseconds measured here."""
+    import threading
+
+    import serve
     import tasks
     from fixtures import ASSETS
 
@@ -169,21 +174,30 @@ def _first_audio(folder, options: list, args) -> dict:
     chat_body = {"model": "lfm2", "stream": True, "modalities": ["text", "audio"], "max_tokens": args.steps,
                  "audio": {"voice": "uk-male", "format": "pcm16"}, "messages": [{"role": "user", "content": [
                      {"type": "input_audio", "input_audio": {"data": base64.b64encode(wav).decode()}}]}]}
+    cli = ["--model", str(folder), "--port", "0", "--batch", "1", "--greedy", "--max-new-tokens", str(args.steps),
+           "--dtype", args.dtype, *(["--quantize", args.quantize] if args.quantize else [])]
     model, vocoder = tasks.load(folder, "cpu", args.dtype, args.quantize, context=4096)
-    first_audio_in_process(model, vocoder, wav, args.steps)  # warm-up
-    local = [first_audio_in_process(model, vocoder, wav, args.steps) for _ in range(args.rounds)]
-    del model, vocoder
-    server, port = start_server(folder, *options, "--batch", 1)
+    server = serve.Server(("127.0.0.1", 0), model, vocoder, serve.parse_args(cli))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port, local, http_s = server.server_address[1], [], []
     try:
-        first_audio_over_http(port, chat_body)  # warm-up
-        http_s = [first_audio_over_http(port, chat_body) for _ in range(args.rounds)]
+        for i in range(args.rounds + 1):  # the first round warms both up and is not counted
+            time.sleep(1)  # both sides start idle, as a user's turns do
+            t_local = first_audio_in_process(model, vocoder, wav, args.steps)
+            time.sleep(1)
+            t_http = first_audio_over_http(port, chat_body)
+            if i:
+                local.append(t_local), http_s.append(t_http)
     finally:
-        server.kill()
-        server.wait()
+        server.shutdown()
+        server.engine.stop()
+        server.server_close()
     overhead = {"in_process_s": [round(t, 3) for t in local], "http_s": [round(t, 3) for t in http_s],
-                "overhead_ms": round(1000 * (statistics.median(http_s) - statistics.median(local)), 1)}
+                "overhead_ms": round(1000 * (statistics.median(http_s) - statistics.median(local)), 1),
+                "paired_overhead_ms": round(1000 * statistics.median(h - t for h, t in zip(http_s, local)), 1)}
     print(f"first audio: in process {statistics.median(local):.3f} s, over HTTP {statistics.median(http_s):.3f} s "
-          f"(medians of {args.rounds}): overhead {overhead['overhead_ms']} ms", flush=True)
+          f"(medians of {args.rounds}, alternating): overhead {overhead['overhead_ms']} ms (median of the pairs' "
+          f"differences {overhead['paired_overhead_ms']} ms)", flush=True)
     return overhead
 
 
@@ -220,7 +234,7 @@ def bench_serve(args) -> dict:
     folder = Path(args.model) if args.model else cached_checkpoint(FULL_CONFIG, 0)
     options = ["--dtype", args.dtype, "--device", "cpu", "--greedy", "--max-new-tokens", args.steps,
                *(["--quantize", args.quantize] if args.quantize else [])]
-    overhead = _first_audio(folder, options, args)
+    overhead = _first_audio(folder, args)
     runs = _throughputs(folder, options, args) if args.chunks and args.speech else {}
     same = all(runs["batched"][k]["answers"] == runs["one_at_a_time"][k]["answers"] for k in ("asr", "tts")) \
         if runs else None
