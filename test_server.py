@@ -40,7 +40,9 @@ def start_server(ckpt: Path, *extra) -> tuple[subprocess.Popen, int]:
     """serve.py on a free port (greedy, float32, tiny checkpoint); (process, port) once it says it is ready."""
     p = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--model", str(ckpt), "--port", "0", "--greedy",
                           "--dtype", "float32", "--device", "cpu", "--max-new-tokens", str(MAX_NEW), *extra],
-                         stderr=subprocess.PIPE, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+                         stderr=subprocess.PIPE, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"},
+                         # a suite started in the background inherits an ignored SIGINT: the Ctrl-C test needs it
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     line = p.stderr.readline()
     match = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
     assert match, f"serve.py did not start: {line}{p.stderr.read() if p.poll() is not None else ''}"
