@@ -169,8 +169,8 @@ class Batch:
             return settings.pop()
         t, k = [0.0] * (hi - lo), [0] * (hi - lo)
         for r in rows:
-            t[r - lo], k[r - lo] = setting(self.running[r])
-            t[r - lo], k[r - lo] = t[r - lo] or 0.0, k[r - lo] or 0
+            temperature, top_k = setting(self.running[r])
+            t[r - lo], k[r - lo] = temperature or 0.0, top_k or 0
         return torch.tensor(t, device=self.h.device)[:, None], torch.tensor(k, device=self.h.device)[:, None]
 
     def _admit(self):

@@ -8,8 +8,6 @@ import base64
 import time
 from pathlib import Path
 
-import torch
-
 import api
 import sound
 import tasks
@@ -79,9 +77,8 @@ class Endpoints:
         message = {"role": "assistant", "content": None if spoken else text.text, "refusal": None}
         key, expires = s.answers.add(items, text.text)
         if spoken:
-            wave = torch.cat(waves) if waves else torch.zeros(0)
             message["audio"] = {"id": key, "expires_at": expires, "transcript": text.text,
-                                "data": base64.b64encode(sound.encode(wave, fmt)).decode()}
+                                "data": base64.b64encode(sound.encode(waves, fmt)).decode()}
         self._json({"id": api.completion_id(), "object": "chat.completion", "created": int(time.time()),
                     "model": body.get("model") or s.model_name,
                     "choices": [{"index": 0, "finish_reason": seq.finish, "message": message}],
@@ -129,7 +126,7 @@ class Endpoints:
         events = self._items(seq, s.vocoder)
         if fmt == "flac" and not sse:  # a flac header needs the length: sent whole
             waves = [v.cpu() for k, v in events if k == "wave"]
-            return self._send(sound.encode(torch.cat(waves) if waves else torch.zeros(0), "flac"), "audio/flac")
+            return self._send(sound.encode(waves, "flac"), "audio/flac")
         self._start_stream("text/event-stream" if sse else {"wav": "audio/wav", "pcm": "audio/pcm",
                                                             "flac": "audio/flac"}[fmt])
         send = (lambda data: self._event({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
@@ -143,7 +140,7 @@ class Endpoints:
                 waves.append(value.cpu())
                 send(sound.float32(value) if fmt == "wav" else sound.pcm16(value) if fmt == "pcm" else b"")
         if fmt == "flac":  # sse: one delta with the whole file
-            send(sound.encode(torch.cat(waves) if waves else torch.zeros(0), "flac"))
+            send(sound.encode(waves, "flac"))
         if sse:
             self._event({"type": "speech.audio.done", "usage": {"input_tokens": len(chat), "output_tokens": steps,
                                                                 "total_tokens": len(chat) + steps}})

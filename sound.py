@@ -97,9 +97,10 @@ def wav_header(n_samples: int | None = None) -> bytes:
     return b"RIFF" + riff.to_bytes(4, "little") + b"WAVE" + fmt + fact + b"data" + data.to_bytes(4, "little")
 
 
-def encode(wave: torch.Tensor, fmt: str) -> bytes:
-    """A whole answer's samples [n] as a file in `fmt`: wav (32-bit float, the decoder's samples exactly), pcm /
-    pcm16 (16-bit, no header) or flac (24-bit)."""
+def encode(waves: list[torch.Tensor], fmt: str) -> bytes:
+    """A whole answer's sound, its waves [n_i] in order (none: no samples), as a file in `fmt`: wav (32-bit float,
+    the decoder's samples exactly), pcm / pcm16 (16-bit, no header) or flac (24-bit)."""
+    wave = torch.cat(waves) if waves else torch.zeros(0)
     if fmt == "wav":
         return wav_header(wave.numel()) + float32(wave)
     if fmt in ("pcm", "pcm16"):
